@@ -1,0 +1,56 @@
+"""The one configuration object of the cache store: frozen and checked on creation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cache_store.errors import ConfigError
+
+GIB = 1 << 30
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+EVICTION_POLICIES = ("lru", "lfu", "priority")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Sizes and timings of one worker's cache and of its link to the index.
+
+    Budgets are bytes of KV tensors; each tier preallocates
+    `budget // bytes_per_block` blocks, so a tier never exceeds its budget.
+    A host budget of 0 disables the host tier (spilled blocks are dropped).
+    """
+
+    block_size: int = 16
+    device_bytes: int = GIB // 2
+    host_bytes: int = GIB
+    eviction: str = "lru"
+    service: str = "default"  # Redis key namespace: one per deployment
+    lease_ttl_s: float = 10.0  # a worker silent this long stops being routed to
+    heartbeat_s: float = 2.0
+    redis_timeout_s: float = 1.0  # bounded wait on every index call
+    redis_retry_s: float = 2.0  # after a failure, skip Redis this long before probing again
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 4096):
+            raise ConfigError(f"block_size must be an int in 1..4096, got {self.block_size!r}")
+        for name in ("device_bytes", "host_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative int of bytes, got {value!r}")
+        if self.device_bytes == 0:
+            raise ConfigError("device_bytes must be > 0: the device tier holds every block in use")
+        if self.eviction not in EVICTION_POLICIES:
+            raise ConfigError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
+        if not _NAME.match(self.service):
+            raise ConfigError(
+                f"service must be 1-64 characters of letters, digits, '_', '.', '-', got {self.service!r}"
+            )
+        if not 0 < self.heartbeat_s < self.lease_ttl_s:
+            raise ConfigError(
+                f"need 0 < heartbeat_s < lease_ttl_s, got heartbeat_s={self.heartbeat_s}, "
+                f"lease_ttl_s={self.lease_ttl_s}"
+            )
+        for name in ("redis_timeout_s", "redis_retry_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")

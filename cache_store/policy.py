@@ -1,0 +1,60 @@
+"""Eviction policies. A policy is a sort key: the block with the smallest key goes first.
+
+Keys read only node statistics that the tree maintains (`last_access`, a
+logical clock value; `hits`; `priority`), so a new policy is one small class.
+Ties are broken by the tree (deeper block first, then hash) so eviction order
+is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class NodeStats(Protocol):
+    last_access: int
+    hits: int
+    priority: int
+
+
+class EvictionPolicy(Protocol):
+    name: str
+
+    def key(self, node: NodeStats) -> tuple[int, ...]: ...
+
+
+class LRU:
+    """Least recently used first."""
+
+    name = "lru"
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (node.last_access,)
+
+
+class LFU:
+    """Fewest hits first; among equals, least recently used."""
+
+    name = "lfu"
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (node.hits, node.last_access)
+
+
+class Priority:
+    """Lowest priority first (set with `TieredStore.set_priority`); LRU within a priority."""
+
+    name = "priority"
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (node.priority, node.last_access)
+
+
+POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, LFU, Priority)}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None

@@ -1,0 +1,368 @@
+"""TieredStore: prefix tree + device pool + host pool + eviction + index publishing.
+
+Moves between tiers:
+    insert   new blocks go to device; if the device cannot make room (all
+             pinned) they go to host; if neither, they are not cached.
+    spill    device full -> unpinned device leaves (policy order) move to host.
+    drop     host full -> unpinned host leaves are dropped; with no host
+             room, device leaves are dropped instead.
+    promote  a host hit moves to device when room can be made; otherwise it
+             is served from host (copied to device for the forward pass).
+Every move is published to the metadata index in one pipelined write at the
+end of the operation that caused it. If the index is down the store keeps
+serving and marks itself for a full re-publish (`resync`).
+
+Lock rule: every public method takes the store lock; pools and tree are
+only touched under it. A `Hold` pins its blocks until `release`: pinned
+blocks are never evicted, spilled, dropped or overwritten, so `gather` of a
+held prefix reads stable slots.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+
+from cache_store.config import CacheConfig
+from cache_store.counters import Counters
+from cache_store.errors import IndexUnavailable
+from cache_store.hashing import BlockHash
+from cache_store.index import MetadataIndex, Op
+from cache_store.kv_pool import KVPool, KVShape
+from cache_store.policy import make_policy
+from cache_store.tree import DEVICE, HOST, BlockRef, PrefixTree, Tier
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
+
+
+class Hold(NamedTuple):
+    """A pinned cached prefix: the leading blocks of a chain, root first. Release it."""
+
+    blocks: tuple[BlockRef, ...]  # locations after promotion
+    device_hits: int  # of these, found on device
+    host_hits: int  # found on host (then promoted where room allowed)
+
+    @property
+    def hashes(self) -> list[BlockHash]:
+        return [b.hash for b in self.blocks]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+EMPTY_HOLD = Hold((), 0, 0)
+
+
+class Exported(NamedTuple):
+    """Blocks copied out for a peer: hashes, their token ids, KV [n, layers, 2, kv_heads, block, head_dim] on CPU."""
+
+    hashes: list[BlockHash]
+    tokens: list[tuple[int, ...]]
+    kv: torch.Tensor
+
+
+class TierStats(NamedTuple):
+    blocks: int
+    capacity: int
+    pinned: int
+    evictable: int
+    bytes_used: int
+    bytes_capacity: int
+
+
+class StoreStats(NamedTuple):
+    device: TierStats
+    host: TierStats
+    counters: dict[str, int]
+
+
+class TieredStore:
+    def __init__(self, config: CacheConfig, shape: KVShape, device: torch.device | str = "cpu"):
+        if shape.block_size != config.block_size:
+            raise ValueError(f"KV shape block_size {shape.block_size} != config block_size {config.block_size}")
+        self.config = config
+        self.shape = shape
+        self.device = torch.device(device)
+        self.device_pool = KVPool.from_budget(shape, config.device_bytes, self.device)
+        if self.device_pool.capacity == 0:
+            raise ValueError(
+                f"device_bytes={config.device_bytes} holds no block of {shape.block_bytes} bytes; "
+                f"raise it to at least {shape.block_bytes}"
+            )
+        self.host_pool = KVPool.from_budget(shape, config.host_bytes, "cpu", pin_memory=self.device.type == "cuda")
+        self.tree = PrefixTree(make_policy(config.eviction))
+        self.counters = Counters()
+        self._lock = threading.RLock()
+        self._user_pins: dict[BlockHash, list[Hold]] = {}
+        self._events: list[tuple[Op, BlockHash, str]] = []
+        self._index: MetadataIndex | None = None
+        self._worker_id = ""
+        self._generation: int | None = None
+        self._dirty = True  # the index does not reflect this store yet
+
+    # ---- index link ----------------------------------------------------
+
+    def bind_index(self, index: MetadataIndex, worker_id: str) -> None:
+        with self._lock:
+            self._index, self._worker_id = index, worker_id
+            self._generation, self._dirty = None, True
+
+    def set_generation(self, generation: int) -> None:
+        """A (re)registration happened: the index holds nothing of ours under this generation."""
+        with self._lock:
+            self._generation, self._dirty = generation, True
+
+    def mark_dirty(self) -> None:
+        with self._lock:
+            self._dirty = True
+
+    @property
+    def needs_resync(self) -> bool:
+        return self._dirty and self._index is not None and self._generation is not None
+
+    def resync(self) -> None:
+        """Re-publish this store's whole state (raises IndexUnavailable; stays dirty then)."""
+        with self._lock:
+            if self._index is None or self._generation is None:
+                return
+            blocks = [(b.hash, b.tier) for b in self.tree.blocks()]
+            self._index.replace_blocks(self._worker_id, self._generation, blocks)
+            self._events.clear()
+            self._dirty = False
+
+    def _publish(self) -> None:
+        events, self._events = self._events, []
+        if not events or self._index is None or self._generation is None or self._dirty:
+            return
+        try:
+            self._index.publish(self._worker_id, self._generation, events)
+        except IndexUnavailable:
+            self._dirty = True
+
+    # ---- requests --------------------------------------------------------
+
+    def lookup(self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]]) -> int:
+        """How many leading blocks are cached here (no pin, no access recorded)."""
+        with self._lock:
+            return len(self.tree.match(hashes, blocks))
+
+    def acquire(self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]]) -> Hold:
+        """Pin the longest verified cached prefix; promote its host part to device where room allows."""
+        with self._lock:
+            refs = self.tree.match(hashes, blocks)
+            if not refs:
+                return EMPTY_HOLD
+            path = [r.hash for r in refs]
+            self.tree.pin(path)
+            self.tree.touch(path)
+            n_dev = sum(r.tier == DEVICE for r in refs)
+            self._promote([r for r in refs if r.tier == HOST])
+            self._publish()
+            return Hold(tuple(self.tree.get(h) for h in path), n_dev, len(refs) - n_dev)
+
+    def release(self, hold: Hold) -> None:
+        with self._lock:
+            self.tree.unpin(hold.hashes)
+
+    def gather(self, hold: Hold, n_tokens: int | None = None) -> KV:
+        """Per-layer (key, value) of the held prefix on the store's device, cut to `n_tokens`."""
+        with self._lock:
+            dev = [b.slot for b in hold.blocks if b.tier == DEVICE]
+            host = [b.slot for b in hold.blocks if b.tier == HOST]
+            if dev and host and hold.blocks[len(dev) - 1].tier != DEVICE:
+                raise AssertionError("tier invariant broken: host block before a device block in a held path")
+            parts = [self.device_pool.gather(dev)] if dev or not host else []
+            if host:
+                parts.append([(k.to(self.device), v.to(self.device)) for k, v in self.host_pool.gather(host)])
+        kv = (
+            parts[0]
+            if len(parts) == 1
+            else [(torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2)) for a, b in zip(*parts)]
+        )
+        if n_tokens is not None:
+            kv = [(k[:, :, :n_tokens], v[:, :, :n_tokens]) for k, v in kv]
+        return kv
+
+    def insert(
+        self,
+        parent: BlockHash | None,
+        hashes: Sequence[BlockHash],
+        blocks: Sequence[Sequence[int]],
+        kv: torch.Tensor,
+    ) -> int:
+        """Cache the chain `hashes` below `parent`; returns how many leading blocks are now cached.
+
+        kv: [n, layers, 2, kv_heads, block_size, head_dim], any device.
+        Blocks already present are verified (same tokens) and skipped.
+        """
+        with self._lock:
+            start, prev = 0, parent
+            while start < len(hashes) and hashes[start] in self.tree:
+                if self.tree.tokens(hashes[start]) != tuple(blocks[start]):
+                    self.counters.add("hash_collisions")
+                    return start
+                prev, start = hashes[start], start + 1
+            if start == len(hashes):
+                return start
+            if prev is not None and prev not in self.tree:
+                return start  # the parent was evicted meanwhile: an orphan could never be matched
+            path = self.tree.path(prev) if prev is not None else []
+            self.tree.pin(path)  # making room must not evict the parent
+            try:
+                stored = self._insert_new(prev, hashes[start:], blocks[start:], kv[start:])
+            finally:
+                self.tree.unpin(path)
+            self._publish()
+            return start + stored
+
+    def export(self, hashes: Sequence[BlockHash]) -> Exported:
+        """Copy out the leading run of `hashes` held here, for a peer (CPU tensors)."""
+        with self._lock:
+            refs: list[BlockRef] = []
+            for h in hashes:
+                ref = self.tree.get(h)
+                if ref is None:
+                    break
+                refs.append(ref)
+            if not refs:
+                return Exported([], [], torch.empty((0, *self.shape.block_dims), dtype=self.shape.dtype))
+            parts = []
+            for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
+                idx = [i for i, r in enumerate(refs) if r.tier == tier]
+                if idx:
+                    parts.append((idx, pool.read([refs[i].slot for i in idx]).cpu()))
+            kv = torch.empty((len(refs), *self.shape.block_dims), dtype=self.shape.dtype)
+            for idx, t in parts:
+                kv[idx] = t
+            self.counters.add("exported_blocks", len(refs))
+            return Exported([r.hash for r in refs], [self.tree.tokens(r.hash) for r in refs], kv)
+
+    # ---- operator controls -------------------------------------------------
+
+    def pin_prefix(self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]]) -> int:
+        """Pin a cached prefix until `unpin_prefix` (e.g. a system prompt that must stay). Returns blocks pinned."""
+        hold = self.acquire(hashes, blocks)
+        if hold.blocks:
+            with self._lock:
+                self._user_pins.setdefault(hold.blocks[-1].hash, []).append(hold)
+        return len(hold)
+
+    def unpin_prefix(self, hashes: Sequence[BlockHash]) -> bool:
+        """Undo one `pin_prefix` whose pinned prefix ended at the last of `hashes` (or any earlier block)."""
+        with self._lock:
+            for h in reversed(hashes):
+                holds = self._user_pins.get(h)
+                if holds:
+                    self.release(holds.pop())
+                    if not holds:
+                        del self._user_pins[h]
+                    return True
+            return False
+
+    def set_priority(self, hashes: Sequence[BlockHash], priority: int) -> None:
+        """Eviction priority of cached blocks (used by the 'priority' policy; higher stays longer)."""
+        with self._lock:
+            self.tree.set_priority([h for h in hashes if h in self.tree], priority)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            t = self.tree.stats()
+            tiers = []
+            for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
+                bb = self.shape.block_bytes
+                tiers.append(
+                    TierStats(
+                        t.blocks[tier],
+                        pool.capacity,
+                        t.pinned[tier],
+                        t.evictable[tier],
+                        pool.used_count * bb,
+                        pool.capacity * bb,
+                    )
+                )
+            return StoreStats(tiers[0], tiers[1], self.counters.snapshot())
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if bookkeeping disagrees (used by tests and the audit)."""
+        with self._lock:
+            t = self.tree.stats()
+            for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
+                assert pool.used_count == t.blocks[tier], (
+                    f"{tier}: pool uses {pool.used_count}, tree has {t.blocks[tier]}"
+                )
+                assert pool.used_count <= pool.capacity
+                assert t.pinned[tier] + t.evictable[tier] == t.blocks[tier]
+
+    # ---- internals (lock held) ---------------------------------------------
+
+    def _insert_new(self, prev: BlockHash | None, hashes, blocks, kv: torch.Tensor) -> int:
+        k = len(hashes)
+        on_device = prev is None or self.tree.get(prev).tier == DEVICE
+        n_dev = self._make_device_room(k) if on_device else 0
+        n_host = self._make_host_room(k - n_dev) if k > n_dev else 0
+        parent = prev
+        for tier, pool, lo, hi in ((DEVICE, self.device_pool, 0, n_dev), (HOST, self.host_pool, n_dev, n_dev + n_host)):
+            if hi == lo:
+                continue
+            slots = pool.alloc(hi - lo)
+            pool.write(slots, kv[lo:hi])
+            for i, slot in zip(range(lo, hi), slots):
+                self.tree.insert(parent, hashes[i], blocks[i], tier, slot)
+                self._events.append(("add", hashes[i], tier))
+                parent = hashes[i]
+        self.counters.add("inserted_blocks", n_dev + n_host)
+        self.counters.add("insert_skipped_blocks", k - n_dev - n_host)
+        return n_dev + n_host
+
+    def _promote(self, host_refs: list[BlockRef]) -> None:
+        """Move the host part of a pinned path to device, root side first, as far as room allows."""
+        if not host_refs:
+            return
+        host_refs = host_refs[: self._make_device_room(len(host_refs))]
+        if not host_refs:
+            return
+        slots = self.device_pool.alloc(len(host_refs))
+        self.device_pool.write(slots, self.host_pool.read([r.slot for r in host_refs]))
+        self.host_pool.free([r.slot for r in host_refs])
+        for ref, slot in zip(host_refs, slots):
+            self.tree.move(ref.hash, DEVICE, slot)
+            self._events.append(("move", ref.hash, DEVICE))
+        self.counters.add("promoted_blocks", len(host_refs))
+
+    def _make_device_room(self, k: int) -> int:
+        """Free device slots (spill, else drop) until k are free or nothing unpinned is left."""
+        need = k - self.device_pool.free_count
+        if need > 0:
+            victims = self.tree.victims(DEVICE, need, spill=True)
+            # victims come children-first, so any prefix of the list is safe to spill
+            victims = victims[: self._make_host_room(len(victims))]
+            if victims:
+                slots = self.host_pool.alloc(len(victims))
+                self.host_pool.write(slots, self.device_pool.read([v.slot for v in victims]))
+                self.device_pool.free([v.slot for v in victims])
+                for v, slot in zip(victims, slots):
+                    self.tree.move(v.hash, HOST, slot)
+                    self._events.append(("move", v.hash, HOST))
+                self.counters.add("spilled_blocks", len(victims))
+        need = k - self.device_pool.free_count
+        if need > 0:
+            self._drop(DEVICE, self.tree.victims(DEVICE, need, spill=False))
+        return min(k, self.device_pool.free_count)
+
+    def _make_host_room(self, k: int) -> int:
+        need = k - self.host_pool.free_count
+        if need > 0:
+            self._drop(HOST, self.tree.victims(HOST, need, spill=False))
+        return min(k, self.host_pool.free_count)
+
+    def _drop(self, tier: Tier, victims: list[BlockRef]) -> None:
+        if not victims:
+            return
+        for v in victims:
+            self.tree.remove(v.hash)
+            self._events.append(("remove", v.hash, tier))
+        (self.device_pool if tier == DEVICE else self.host_pool).free([v.slot for v in victims])
+        self.counters.add(f"dropped_blocks_{tier}", len(victims))

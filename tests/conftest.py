@@ -1,0 +1,34 @@
+"""Shared fixtures: real Redis-protocol servers (embedded Valkey, and Debian's redis-server when present)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from cache_store import EmbeddedRedis
+
+
+def _server_params():
+    params = [pytest.param(None, id="valkey")]
+    binary = shutil.which("redis-server")
+    if binary:
+        params.append(pytest.param(binary, id="redis-server"))
+    elif os.environ.get("PREFIXCACHE_REQUIRE_REDIS_SERVER"):
+        raise RuntimeError("PREFIXCACHE_REQUIRE_REDIS_SERVER is set but redis-server is not installed")
+    return params
+
+
+@pytest.fixture(params=_server_params())
+def redis_server(request):
+    """A fresh password-protected server per test, on every available implementation."""
+    with EmbeddedRedis(binary=request.param) as server:
+        yield server
+
+
+@pytest.fixture
+def valkey():
+    """A fresh embedded Valkey (one implementation: for tests that are not about the server)."""
+    with EmbeddedRedis() as server:
+        yield server
