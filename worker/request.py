@@ -1,0 +1,132 @@
+"""Request and Result: the typed values that cross every layer (engine, actor, router, client, JSONL).
+
+Both are plain frozen dataclasses that round-trip through dicts of builtins
+(msgpack / JSON), never pickle. A bad request is never an exception for the
+caller of a batch: it comes back as a Result with `error` set and
+`finish_reason == "error"`, and the other requests run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MAX_SALT_CHARS = 256
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request. `prompt` is text or a list of token ids."""
+
+    prompt: Any
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    cache_salt: str | None = None
+    id: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Request:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; allowed: {sorted(known)}")
+        if "prompt" not in d:
+            raise ValueError('missing "prompt" (text or a list of token ids)')
+        d = dict(d)
+        if isinstance(d.get("stop"), list):
+            d["stop"] = tuple(d["stop"])
+        elif isinstance(d.get("stop"), str):
+            d["stop"] = (d["stop"],)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    def problem(self) -> str | None:
+        """What is wrong with the parameters (model-independent checks), or None."""
+        p = self.prompt
+        if isinstance(p, str):
+            if not p.strip():
+                return "prompt is empty or whitespace only; send some text"
+        elif isinstance(p, (list, tuple)):
+            if not p:
+                return "prompt is an empty token list; send at least one token id"
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                return "prompt token list must contain only integers"
+        else:
+            return f"prompt must be a string or a list of token ids, got {type(p).__name__}"
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            return f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}"
+        if not _is_num(self.temperature) or self.temperature < 0:
+            return f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}"
+        if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
+            return f"top_p must be in (0, 1], got {self.top_p!r}"
+        if not _is_int(self.top_k) or self.top_k < 0:
+            return f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            return f"seed must be an integer in [0, 2^63) or null, got {self.seed!r}"
+        if not isinstance(self.stop, tuple) or len(self.stop) > MAX_STOP_STRINGS:
+            return f"stop must be a list of at most {MAX_STOP_STRINGS} strings"
+        if not all(isinstance(s, str) and s for s in self.stop):
+            return "stop strings must be non-empty strings"
+        if self.cache_salt is not None:
+            if not isinstance(self.cache_salt, str) or not 0 < len(self.cache_salt) <= MAX_SALT_CHARS:
+                return f"cache_salt must be null or a non-empty string of at most {MAX_SALT_CHARS} characters"
+        if self.id is not None and not isinstance(self.id, str):
+            return f"id must be a string, got {type(self.id).__name__}"
+        return None
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one request produced. `token_ids` are the generated tokens only."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    cached_tokens: int  # prompt tokens whose prefill was skipped (device + host + peer)
+    worker_id: str
+    ttft_s: float  # from arrival at the worker to the first generated token
+    id: str | None = None
+    finish_reason: str = "length"  # length | stop | eos | error
+    latency_s: float = 0.0
+    cached_device_tokens: int = 0
+    cached_host_tokens: int = 0
+    cached_peer_tokens: int = 0
+    error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def failed(cls, error: str, *, id: str | None = None, worker_id: str = "", prompt_tokens: int = 0) -> Result:
+        return cls("", (), prompt_tokens, 0, worker_id, 0.0, id=id, finish_reason="error", error=error)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["token_ids"] = list(self.token_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Result:
+        d = dict(d)
+        d["token_ids"] = tuple(d.get("token_ids", ()))
+        return cls(**d)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x: Any) -> bool:
+    return (isinstance(x, (int, float)) and not isinstance(x, bool)) and math.isfinite(x)
