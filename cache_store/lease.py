@@ -36,7 +36,7 @@ class LeaseKeeper:
     ):
         self.index, self.store, self.worker_id = index, store, worker_id
         self._info = dict(info or {})
-        self._gauges = gauges or (lambda: {})
+        self.gauges = gauges or (lambda: {})
         self._reap_every = reap_every
         self.generation: int | None = None
         self.connected = False
@@ -58,7 +58,7 @@ class LeaseKeeper:
             self.beat()
 
     def _fields(self) -> dict[str, object]:
-        return {**self._info, **self._gauges()}
+        return {**self._info, **self.gauges()}
 
     def beat(self) -> None:
         """One heartbeat cycle (also called directly by tests)."""

@@ -32,3 +32,13 @@ def valkey():
     """A fresh embedded Valkey (one implementation: for tests that are not about the server)."""
     with EmbeddedRedis() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (about 6 s to start); stopped at the end."""
+    import ray
+
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="prefixcache-tests")
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,195 @@
+"""The Ray worker actor: a thin async shell around one Engine.
+
+`WorkerService` is a plain class (tested without a cluster where possible);
+`WorkerActor = ray.remote(WorkerService)` is the actor. Async methods await
+the engine on ONE dedicated thread (requests run one at a time), so
+`health`, `stats` and `export_blocks` answer while a request is running.
+Nothing here calls `ray.get` inside `async def`: the only blocking Ray call,
+the peer fetch, runs on the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from cache_store import BlockHash, CacheConfig, Exported, MetadataIndex
+from worker.engine import Engine, PeerFetchError, PeerHint
+from worker.models import load_model, resolve_dtype
+from worker.request import Request, Result
+from worker.transfer import BadTransfer, pack_blocks, unpack_blocks
+
+log = logging.getLogger(__name__)
+NAMESPACE = "prefixcache"
+
+
+def worker_actor_name(service: str, worker_id: str) -> str:
+    return f"{service}:{worker_id}"
+
+
+class WorkerService:
+    def __init__(
+        self,
+        worker_id: str,
+        model: str,
+        cache: dict[str, Any],
+        *,
+        redis_url: str | None,
+        dtype: str | None = None,
+        peer_timeout_s: float = 10.0,
+    ):
+        self.worker_id = worker_id
+        self.config = CacheConfig(**cache)
+        self.peer_timeout_s = peer_timeout_s
+        self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+        self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
+        cpus = _assigned_cpus()
+        if self.device.type == "cpu" and cpus:
+            torch.set_num_threads(cpus)
+        loaded = load_model(model, self.device, resolve_dtype(dtype, self.device))
+        index = MetadataIndex(redis_url, self.config) if redis_url else None
+        self._peers: dict[str, ray.actor.ActorHandle] = {}
+        self._inflight = 0
+        self._served = 0
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{worker_id}")
+        self._side_thread = ThreadPoolExecutor(2, thread_name_prefix=f"export-{worker_id}")
+        self.engine = Engine(
+            loaded, self.config, device=self.device, worker_id=worker_id, index=index, peer_fetcher=self._fetch
+        )
+        if self.engine.keeper is not None:
+            self.engine.keeper.gauges = self._gauges
+
+    # ---- requests ---------------------------------------------------------------
+
+    async def generate(
+        self, request: dict, token_ids: list[int] | None = None, hint: tuple[str, int] | None = None
+    ) -> dict:
+        """Serve one request (a Request dict); returns a Result dict. Never raises for bad input."""
+        arrived = time.perf_counter()
+        self._inflight += 1
+        try:
+            try:
+                req = Request.from_dict(request)
+            except (TypeError, ValueError) as e:
+                return Result.failed(f"bad request: {e}", worker_id=self.worker_id).to_dict()
+            peer = PeerHint(hint[0], int(hint[1])) if hint else None
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self._engine_thread,
+                lambda: self.engine.run(req, token_ids=token_ids, hint=peer, arrived=arrived),
+            )
+            return result.to_dict()
+        finally:
+            self._inflight -= 1
+            self._served += 1
+
+    async def export_blocks(self, hashes: list[bytes]) -> tuple[bytes, np.ndarray]:
+        """KV of the leading run of `hashes` held here, packed for the object store."""
+        loop = asyncio.get_running_loop()
+        ex = await loop.run_in_executor(self._side_thread, self.engine.export_blocks, [BlockHash(h) for h in hashes])
+        return pack_blocks(ex)
+
+    async def echo_blocks(self, n: int) -> tuple[bytes, np.ndarray]:
+        """n blocks of zeros in the export format: lets a peer time the transfer path."""
+        shape = self.engine.store.shape
+        ex = Exported(
+            [BlockHash(bytes(16))] * n,
+            [(0,) * shape.block_size] * n,
+            torch.zeros((n, *shape.block_dims), dtype=shape.dtype),
+        )
+        return pack_blocks(ex)
+
+    async def calibrate(self, peer_id: str, rounds: int = 3) -> dict[str, float]:
+        """Time fetching 1 and 32 blocks from `peer_id` and set the cost model's transfer terms."""
+        handle = self._peer(peer_id)
+        timings = {}
+        for n in (1, 32):
+            best = float("inf")
+            for _ in range(rounds):
+                t = time.perf_counter()
+                meta, data = await handle.echo_blocks.remote(n)
+                unpack_blocks(meta, data)
+                best = min(best, time.perf_counter() - t)
+            timings[n] = best
+        per_block = max(0.0, (timings[32] - timings[1]) / 31)
+        overhead = max(0.0, timings[1] - per_block)
+        self.engine.costs = self.engine.costs.with_transfer(per_block, overhead)
+        return self.engine.costs.to_dict(self.engine.block_size)
+
+    # ---- introspection ------------------------------------------------------------
+
+    async def health(self) -> dict[str, Any]:
+        keeper = self.engine.keeper
+        return {
+            "worker_id": self.worker_id,
+            "alive": True,
+            "queue": self._inflight,
+            "served": self._served,
+            "device": str(self.device),
+            "gpu_ids": self.gpu_ids,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+            "pid": os.getpid(),
+            "index_connected": bool(keeper and keeper.connected),
+            "generation": keeper.generation if keeper else None,
+        }
+
+    async def info(self) -> dict[str, Any]:
+        return self.engine.info()
+
+    async def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats(), **await self.health()}
+
+    async def pin_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._engine_thread, self.engine.pin_prefix, token_ids, cache_salt)
+
+    async def flush(self) -> bool:
+        """Heartbeat now (publishes counters); True if the index took it."""
+        if self.engine.keeper is None:
+            return False
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._side_thread, self.engine.keeper.beat)
+        return self.engine.keeper.connected
+
+    async def shutdown(self) -> None:
+        """Graceful stop: deregister from the index (entries removed) and free the engine."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._engine_thread, self.engine.close)
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _gauges(self) -> dict[str, Any]:
+        return {**self.engine.gauges(), "queue": self._inflight, "served": self._served}
+
+    def _peer(self, peer_id: str):
+        if peer_id not in self._peers:
+            self._peers[peer_id] = ray.get_actor(worker_actor_name(self.config.service, peer_id), namespace=NAMESPACE)
+        return self._peers[peer_id]
+
+    def _fetch(self, peer_id: str, hashes: list[BlockHash]) -> Exported:
+        """Runs on the engine thread (never on the event loop)."""
+        try:
+            ref = self._peer(peer_id).export_blocks.remote([bytes(h) for h in hashes])
+            meta, data = ray.get(ref, timeout=self.peer_timeout_s)
+            return unpack_blocks(meta, data)
+        except (ray.exceptions.RayError, ValueError, BadTransfer) as e:
+            self._peers.pop(peer_id, None)
+            raise PeerFetchError(f"{type(e).__name__}: {e}") from None
+
+
+def _assigned_cpus() -> int:
+    if not ray.is_initialized():
+        return 0
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+    return max(1, int(cpus)) if cpus else 0
+
+
+WorkerActor = ray.remote(WorkerService)
