@@ -383,6 +383,19 @@ class MetadataIndex:
 
         return {w: {_s(k): int(v) for k, v in c.items()} for w, c in zip(ids, self._call(run))}
 
+    def add_counters(self, owner: str, deltas: Mapping[str, int]) -> None:
+        """HINCRBY counters of a non-worker owner (e.g. the router) in one round trip."""
+        if not deltas:
+            return
+
+        def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for name, delta in deltas.items():
+                pipe.hincrby(self._k("c", owner), name, delta)
+            pipe.execute()
+
+        self._call(run)
+
     def set_service_info(self, info: Mapping[str, object]) -> None:
         packed = {k: msgpack.packb(v) for k, v in info.items()}
         self._call(lambda: self._r.hset(self._k("service"), mapping=packed))

@@ -176,7 +176,8 @@ class Engine:
         arrived: float | None = None,
     ) -> Result:
         """Serve one request. `token_ids` (from the router) skips tokenization; `arrived` is when the
-        worker received it (perf_counter), so TTFT includes time queued on the worker."""
+        worker received it (perf_counter): `queue_s` is the wait from then until the engine took it,
+        `ttft_s` runs from there to the first token, `latency_s` from arrival to the end."""
         t0 = arrived if arrived is not None else time.perf_counter()
         problem = req.problem()
         ids: list[int] = []
@@ -186,7 +187,7 @@ class Engine:
             self.counters.add("rejected_requests")
             return Result.failed(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
         with self._lock:
-            return self._run(req, ids, hint, t0)
+            return self._run(req, ids, hint, t0, time.perf_counter())
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -231,6 +232,7 @@ class Engine:
             "dtype": str(self.dtype).replace("torch.", ""),
             "block_bytes": self.store.shape.block_bytes,
             "max_context": self.loaded.max_context,
+            "vocab_size": self.loaded.vocab_size,
         }
 
     def gauges(self) -> dict[str, object]:
@@ -284,7 +286,7 @@ class Engine:
         return ids, None
 
     @torch.inference_mode()
-    def _run(self, req: Request, ids: list[int], hint: PeerHint | None, t0: float) -> Result:
+    def _run(self, req: Request, ids: list[int], hint: PeerHint | None, arrived: float, t0: float) -> Result:
         pre = self._prefill(ids, req.cache_salt, hint)
         try:
             out, finish, t_first = self._decode(req, pre)
@@ -306,7 +308,8 @@ class Engine:
             ttft_s=ttft,
             id=req.id,
             finish_reason=finish,
-            latency_s=done - t0,
+            latency_s=done - arrived,
+            queue_s=t0 - arrived,
             cached_device_tokens=pre.by_tier["device"],
             cached_host_tokens=pre.by_tier["host"],
             cached_peer_tokens=pre.by_tier["peer"],

@@ -174,6 +174,19 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     return LoadedModel(name, model, tokenizer, layout, max_context, int(text.vocab_size), _eos_ids(model, tokenizer))
 
 
+def load_tokenizer(name: str):
+    """The tokenizer alone (the router needs no weights)."""
+    if name == "demo":
+        return demo_tokenizer()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"unknown model {name!r}: not 'demo' and not a directory with a config.json; "
+            "pass model='demo' or the path of a local Hugging Face model directory"
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
 def _eos_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config):

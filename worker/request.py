@@ -94,10 +94,11 @@ class Result:
     prompt_tokens: int
     cached_tokens: int  # prompt tokens whose prefill was skipped (device + host + peer)
     worker_id: str
-    ttft_s: float  # from arrival at the worker to the first generated token
+    ttft_s: float  # from the engine taking the request to its first generated token
     id: str | None = None
     finish_reason: str = "length"  # length | stop | eos | error
-    latency_s: float = 0.0
+    latency_s: float = 0.0  # from arrival at the worker to the last token (queue included)
+    queue_s: float = 0.0  # waiting on the worker before the engine took it
     cached_device_tokens: int = 0
     cached_host_tokens: int = 0
     cached_peer_tokens: int = 0

@@ -1,0 +1,142 @@
+"""`prefixcache`: the one command-line entry point.
+
+    prefixcache demo                      local service + workload + table (+ dashboard)
+    prefixcache start --address ADDR      start router + workers on a running Ray cluster
+    prefixcache stop  --address ADDR      stop them (workers deregister from the index)
+    prefixcache status --address ADDR     hit rates and workers
+    prefixcache submit FILE.jsonl --address ray://HOST:10001 --out results.jsonl
+    prefixcache submit FILE.jsonl --jobs http://HOST:8265 --out results.jsonl   (as a Ray Job)
+    prefixcache dashboard --redis-url URL
+    prefixcache bench [--quick]
+    prefixcache demo-model DIR
+
+Exit codes: 0 ok, 1 some requests failed (submit), 2 bad usage or the service could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+def _service_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--service", default="default", help="service name (several can share one Ray cluster)")
+
+
+def _address_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS", default),
+        help="Ray cluster: HOST:6379 or 'auto' on a cluster node, ray://HOST:10001 for Ray client "
+        "(default: $RAY_ADDRESS or 'auto')",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="prefixcache", description="A cluster-wide prefix (KV) cache for LLM inference."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="local service, demo model, shared-system-prompt workload, results table")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--questions", type=int, default=24, help="users asking on the shared system prompts")
+    p.add_argument("--port", type=int, default=8000, help="dashboard port")
+    p.add_argument("--no-dashboard", action="store_true")
+    p.add_argument("--no-wait", action="store_true", help="exit after the table instead of serving the dashboard")
+
+    p = sub.add_parser("start", help="start router + workers on a running Ray cluster")
+    _address_arg(p)
+    _service_args(p)
+    p.add_argument("--workers", type=int, default=2, help="worker actors (one per GPU when the cluster has GPUs)")
+    p.add_argument(
+        "--model", default="demo", help="'demo' or a local Hugging Face model directory (same path on every node)"
+    )
+    p.add_argument(
+        "--redis-url", default=None, help="redis://[:PASSWORD@]HOST:PORT; default: embedded (single-node only)"
+    )
+    p.add_argument("--device-cache-gb", type=float, default=0.5)
+    p.add_argument("--host-cache-gb", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--policy", default="cache_aware", choices=["cache_aware", "round_robin", "least_loaded"])
+    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "priority"])
+    p.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+
+    for name, text in (("stop", "stop the service started with `start`"), ("status", "hit rates, workers, index")):
+        p = sub.add_parser(name, help=text)
+        _address_arg(p)
+        _service_args(p)
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
+
+    p = sub.add_parser("submit", help="run a JSONL batch (one request per line); writes results JSONL")
+    p.add_argument("file", help='input JSONL: {"prompt": ..., "max_new_tokens": ..., "id": ...} per line')
+    _address_arg(p)
+    _service_args(p)
+    p.add_argument("--out", default=None, help="results JSONL (default: FILE.results.jsonl; '-' for stdout)")
+    p.add_argument("--tenant", default=None, help="tenant id: the service derives the cache salt from it")
+    p.add_argument("--window", type=int, default=256, help="requests in flight at once")
+    p.add_argument(
+        "--jobs",
+        metavar="DASHBOARD_URL",
+        default=None,
+        help="submit as a Ray Job to this dashboard address (http://HOST:8265) instead of Ray client",
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--marked", action="store_true", help=argparse.SUPPRESS)  # result lines for a Ray Job's log
+
+    p = sub.add_parser("dashboard", help="serve the hit-rate dashboard, /api/stats and /metrics from the index")
+    p.add_argument(
+        "--redis-url",
+        default=os.environ.get("PREFIXCACHE_REDIS_URL"),
+        help="the service's Redis (default: $PREFIXCACHE_REDIS_URL)",
+    )
+    _service_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--token",
+        default=os.environ.get("PREFIXCACHE_DASHBOARD_TOKEN"),
+        help="require 'Authorization: Bearer TOKEN' (default: $PREFIXCACHE_DASHBOARD_TOKEN)",
+    )
+
+    p = sub.add_parser("bench", help="benchmark suite; writes BENCHMARKS.md and plots")
+    p.add_argument("--quick", action="store_true", help="small sizes (under 5 minutes on 2 CPU cores)")
+    p.add_argument("--out", default=".", help="directory for BENCHMARKS.md and plots")
+
+    p = sub.add_parser("demo-model", help="write the built-in demo model in Hugging Face format")
+    p.add_argument("dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed what is wrong
+        return EXIT_USAGE if e.code else EXIT_OK
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from cluster import commands
+
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(args)
+    except commands.UserError as e:
+        print(f"prefixcache {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Cluster: the Python face of the service.
+
+    c = Cluster.start(workers=2, model="demo")          # local Ray + embedded Redis
+    c = Cluster.connect("ray://head:10001")             # a service started with `prefixcache start`
+    [r] = c.generate(["..."], max_new_tokens=32)
+    c.stats(); c.redis_url; c.shutdown()
+
+`shutdown()` undoes what this client did: after `start()` it stops the
+service (and the local Ray it started); after `connect()` it only
+disconnects. `stop_service()` stops a service from any client.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import ray
+
+from cluster.service import ServiceSpec, add_workers, find_router, start_service, stop_service
+from worker.actor import NAMESPACE
+from worker.request import Request, Result
+
+
+class Cluster:
+    def __init__(self, router, *, service: str, owns_service: bool, owns_ray: bool, actors=None):
+        self._router = router
+        self._actors = actors  # keeps non-detached actors alive while this client lives
+        self.service = service
+        self._owns_service = owns_service
+        self._owns_ray = owns_ray
+        self._config = ray.get(router.config.remote())
+
+    # ---- construction -----------------------------------------------------------
+
+    @classmethod
+    def start(
+        cls,
+        workers: int = 2,
+        model: str = "demo",
+        *,
+        redis_url: str | None = None,
+        address: str | None = None,
+        num_cpus: int | None = None,
+        **settings,
+    ) -> Cluster:
+        """Start a service: on a local Ray (started here if none is running) or at `address`.
+
+        `settings` are ServiceSpec fields: device_cache_gb, host_cache_gb, block_size, policy,
+        eviction, service, dtype, cpus_per_worker, gpus_per_worker, detached, ...
+        """
+        spec = ServiceSpec(workers=workers, model=model, redis_url=redis_url, **settings)
+        owns_ray = not ray.is_initialized()
+        if owns_ray:
+            if address is None:
+                cpus = num_cpus or max(os.cpu_count() or 2, int(workers * spec.cpus_per_worker) + 1)
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
+            else:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        try:
+            started = start_service(spec)
+        except BaseException:
+            if owns_ray:
+                ray.shutdown()
+            raise
+        return cls(started.router, service=spec.service, owns_service=True, owns_ray=owns_ray, actors=started)
+
+    @classmethod
+    def connect(cls, address: str = "auto", *, service: str = "default") -> Cluster:
+        """Attach to a running service (`ray://host:10001` through Ray client, or `auto` inside the cluster)."""
+        owns_ray = not ray.is_initialized()
+        if owns_ray:
+            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+        try:
+            router = find_router(service)
+        except BaseException:
+            if owns_ray:
+                ray.shutdown()
+            raise
+        return cls(router, service=service, owns_service=False, owns_ray=owns_ray)
+
+    # ---- requests -----------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]] | str,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        cache_salt: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> list[Result]:
+        """One Result per prompt, in order; a bad prompt gets a Result with `error` set."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
+        return self.run(reqs, tenant=tenant)
+
+    def run(self, requests: Sequence[Request], *, tenant: str | None = None) -> list[Result]:
+        refs = [self._router.generate.remote(r.to_dict(), tenant) for r in requests]
+        return [Result.from_dict(d) for d in ray.get(refs)]
+
+    def submit(
+        self, requests: Iterable[Request], *, tenant: str | None = None, window: int = 256
+    ) -> Iterator[tuple[int, Result]]:
+        """Stream (position, Result) as requests finish, keeping at most `window` in flight."""
+        pending: dict = {}
+        it = enumerate(requests)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < window:
+                try:
+                    i, req = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending[self._router.generate.remote(req.to_dict(), tenant)] = i
+            if not pending:
+                break
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                yield pending.pop(ref), Result.from_dict(ray.get(ref))
+
+    # ---- operations -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return ray.get(self._router.stats.remote())
+
+    @property
+    def redis_url(self) -> str:
+        """The metadata store in use, credentials included (e.g. for `prefixcache dashboard`)."""
+        return self._config["redis_url"]
+
+    @property
+    def config(self) -> dict:
+        return dict(self._config)
+
+    def set_policy(self, name: str) -> None:
+        ray.get(self._router.set_policy.remote(name))
+
+    def add_workers(self, n: int) -> list[str]:
+        handles = add_workers(self.service, n)
+        if self._actors is not None:
+            self._actors.workers.update(handles)
+        return list(handles)
+
+    def stop_service(self) -> None:
+        stop_service(self.service)
+        self._owns_service = False
+
+    def shutdown(self) -> None:
+        if self._owns_service:
+            self.stop_service()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self._owns_ray = False
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,273 @@
+"""The CLI's commands, one function each: `args` in, exit code out. User mistakes raise UserError."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+EXIT_OK, EXIT_PARTIAL = 0, 1
+
+
+class UserError(Exception):
+    """Something the user can fix; printed without a traceback."""
+
+
+@contextmanager
+def _ray(address: str):
+    """Connect to a running Ray cluster (or Ray client address) for the duration of a command."""
+    import ray
+
+    from worker.actor import NAMESPACE
+
+    if ray.is_initialized():  # embedded use (tests, notebooks): reuse the connection
+        yield ray
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(
+            f"could not connect to a Ray cluster at {address!r}: {e}. Start one with `ray start --head`, "
+            "pass --address HOST:6379 (on a node) or ray://HOST:10001 (Ray client), and if the cluster uses "
+            "token auth set RAY_AUTH_TOKEN (see README: Running on a cluster)"
+        ) from None
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _service_error(fn, *a, **kw):
+    from cluster.service import ServiceError
+
+    try:
+        return fn(*a, **kw)
+    except (ServiceError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+# ---- commands -------------------------------------------------------------------------
+
+
+def demo(args) -> int:
+    from cluster.demo import run_demo
+
+    if args.workers < 1:
+        raise UserError("--workers must be at least 1")
+    run_demo(
+        workers=args.workers,
+        questions=args.questions,
+        dashboard=not args.no_dashboard,
+        port=args.port,
+        wait=not args.no_wait,
+    )
+    return EXIT_OK
+
+
+def start(args) -> int:
+    from cache_store import redact
+    from cluster.service import ServiceSpec, start_service
+
+    spec = _service_error(
+        ServiceSpec,
+        service=args.service,
+        model=args.model,
+        workers=args.workers,
+        redis_url=args.redis_url,
+        device_cache_gb=args.device_cache_gb,
+        host_cache_gb=args.host_cache_gb,
+        block_size=args.block_size,
+        policy=args.policy,
+        eviction=args.eviction,
+        dtype=args.dtype,
+        cpus_per_worker=args.cpus_per_worker,
+        detached=True,
+    )
+    with _ray(args.address) as ray:
+        started = _service_error(start_service, spec)
+        cfg = ray.get(started.router.config.remote())
+        health = ray.get([h.health.remote() for h in started.workers.values()])
+    print(f"service {spec.service!r} is up: {len(health)} workers, model {spec.model!r}, policy {spec.policy}")
+    for h in health:
+        print(f"  {h['worker_id']}: {h['device']} gpu_ids={h['gpu_ids']} node={h['node_id'][:12]}")
+    print(f"  index: {redact(cfg['redis_url'])}")
+    print("next:")
+    print(f"  prefixcache submit requests.jsonl --address ray://<head>:10001 --service {spec.service}")
+    print(f"  prefixcache dashboard --redis-url <the URL above, with its password> --service {spec.service}")
+    print(f"  prefixcache stop --address {args.address} --service {spec.service}")
+    return EXIT_OK
+
+
+def stop(args) -> int:
+    from cluster.service import stop_service
+
+    with _ray(args.address):
+        _service_error(stop_service, args.service)
+    print(f"service {args.service!r} stopped")
+    return EXIT_OK
+
+
+def status(args) -> int:
+    from cluster.client import Cluster
+    from cluster.demo import table
+
+    with _ray(args.address):
+        cluster = _service_error(Cluster.connect, args.address, service=args.service)
+        s = cluster.stats()
+    if args.json:
+        print(json.dumps(s, indent=2, default=str))
+        return EXIT_OK
+    t = s["totals"]
+    print(f"service {s['service']!r}: policy {s['policy']}, index {'up' if s['index_available'] else 'UNREACHABLE'}")
+    print(
+        f"requests {t['requests']:,}  hit rate {t['hit_rate']:.1%} (tokens)  prefill tokens saved {t['cached_tokens']:,}"
+    )
+    rows = []
+    for w, info in s["workers"].items():
+        c = s["per_worker"].get(w, {})
+        rows.append(
+            [
+                w,
+                "yes" if info.get("alive", True) else "NO",
+                info.get("queue", "-"),
+                c.get("requests", 0),
+                f"{c.get('hit_rate', 0):.1%}",
+                info.get("device", "-"),
+            ]
+        )
+    print(table(rows, ["worker", "alive", "queue", "requests", "hit rate", "device"]))
+    return EXIT_OK
+
+
+def submit(args) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    if args.window < 1:
+        raise UserError("--window must be at least 1")
+    out_path = args.out or str(path.with_suffix("")) + ".results.jsonl"
+    if args.jobs:
+        return _submit_job(args, path, out_path)
+    return _submit_client(args, path, out_path, marked=getattr(args, "marked", False))
+
+
+def _submit_client(args, path: Path, out_path: str, marked: bool = False) -> int:
+    from tqdm import tqdm
+
+    from cluster.client import Cluster
+    from cluster.jsonl import RESULT_MARKER, dumps, error_record, read_requests, result_record
+
+    with open(path, "rb") as f:
+        lines = [line for line in read_requests(f) if line.request is not None or line.error is not None]
+    valid = [line for line in lines if line.request is not None]
+    order = [line.number for line in lines]
+    records = {line.number: error_record(line.number, line.error) for line in lines if line.error}
+    out = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")
+    prefix = RESULT_MARKER if marked else ""
+    written = 0
+
+    def flush() -> None:
+        nonlocal written
+        while written < len(order) and order[written] in records:
+            out.write(prefix + dumps(records.pop(order[written])) + "\n")
+            written += 1
+        out.flush()
+
+    ok = errors = prompt = cached = 0
+    try:
+        with _ray(args.address):
+            cluster = _service_error(Cluster.connect, args.address, service=args.service)
+            bar = tqdm(total=len(valid), unit="req", file=sys.stderr, disable=args.no_progress)
+            flush()
+            for i, result in cluster.submit([line.request for line in valid], tenant=args.tenant, window=args.window):
+                records[valid[i].number] = result_record(valid[i].number, result)
+                if result.ok:
+                    ok += 1
+                    prompt += result.prompt_tokens
+                    cached += result.cached_tokens
+                else:
+                    errors += 1
+                bar.update(1)
+                flush()
+            bar.close()
+        flush()
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    bad_lines = len(lines) - len(valid)
+    hit = f"{cached / prompt:.1%}" if prompt else "n/a"
+    print(
+        f"{len(lines)} lines: {ok} ok, {errors} failed, {bad_lines} bad lines; hit rate {hit} "
+        f"({cached:,} of {prompt:,} prompt tokens cached)" + ("" if out_path == "-" else f"; results in {out_path}"),
+        file=sys.stderr,
+    )
+    return EXIT_OK if errors == 0 and bad_lines == 0 else EXIT_PARTIAL
+
+
+def _submit_job(args, path: Path, out_path: str) -> int:
+    """Run the same batch as a Ray Job on the cluster; results come back through the job's log."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.jsonl import RESULT_MARKER
+
+    try:
+        client = JobSubmissionClient(args.jobs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"could not reach the Ray Jobs API at {args.jobs}: {e}") from None
+    workdir = Path(tempfile.mkdtemp(prefix="prefixcache-job-"))
+    shutil.copy(path, workdir / "requests.jsonl")
+    entry = f"prefixcache submit requests.jsonl --address auto --service {args.service} --out - --marked --no-progress"
+    if args.tenant:
+        entry += f" --tenant {json.dumps(args.tenant)}"
+    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(workdir)})
+    print(f"submitted Ray Job {job_id}", file=sys.stderr)
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(1.0)
+    logs = client.get_job_logs(job_id)
+    results = [line[len(RESULT_MARKER) :] for line in logs.splitlines() if line.startswith(RESULT_MARKER)]
+    with sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8") as out:
+        for line in results:
+            out.write(line + "\n")
+    shutil.rmtree(workdir, ignore_errors=True)
+    summary = [line for line in logs.splitlines() if " lines: " in line]
+    print(f"job {job_id} {status.value}: {summary[-1] if summary else ''}", file=sys.stderr)
+    if status != JobStatus.SUCCEEDED and not results:
+        raise UserError(f"the job failed before producing results; its log:\n{logs[-3000:]}")
+    return EXIT_OK if status == JobStatus.SUCCEEDED else EXIT_PARTIAL
+
+
+def dashboard(args) -> int:
+    if not args.redis_url:
+        raise UserError("pass --redis-url (the service's Redis URL, with its password) or set PREFIXCACHE_REDIS_URL")
+    from cluster.dashboard.server import DashboardServer
+
+    server = DashboardServer(args.redis_url, service=args.service, host=args.host, port=args.port, token=args.token)
+    server.start()
+    print(f"dashboard on {server.url} (JSON: /api/stats, Prometheus: /metrics); Ctrl-C to stop", file=sys.stderr)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how the dashboard is meant to stop
+    finally:
+        server.stop()
+    return EXIT_OK
+
+
+def bench(args) -> int:
+    from cluster.bench.suite import run_suite
+
+    run_suite(quick=args.quick, out_dir=Path(args.out))
+    return EXIT_OK
+
+
+def demo_model(args) -> int:
+    from worker.demo_model import write_demo_model
+
+    out = write_demo_model(args.dir)
+    print(f"demo model written to {out} (load with AutoModelForCausalLM.from_pretrained / AutoTokenizer)")
+    return EXIT_OK

@@ -1,0 +1,168 @@
+"""Placement policies: given who holds how much of a prompt, and who is busy, pick a worker.
+
+A policy is a pure function of a `PlacementInput`, so it is tested without
+Ray or Redis and benchmarks can swap policies by name:
+
+    cache_aware    minimise estimated time to first token: uncached prefill
+                   + promotion of host-tier blocks + peer fetch (when the
+                   cost model says fetching beats recomputing) + queueing
+                   behind in-flight requests. A hot prefix therefore spreads
+                   once its holder's queue costs more than a peer fetch.
+    round_robin    ignore the cache (what a plain load balancer does).
+    least_loaded   fewest in-flight requests, ignore the cache.
+
+When the index is unreachable `cache_aware` falls back to rendezvous hashing
+on the prompt's first block (a prefix keeps landing on the same worker, so
+local caches still hit) with a load cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from cache_store import BlockHash, Holding
+
+
+@dataclass(frozen=True)
+class WorkerCosts:
+    """Per-worker cost terms, in seconds (from the worker's own measurements)."""
+
+    prefill_s_per_token: float = 4e-4
+    promote_s_per_block: float = 2e-5
+    transfer_s_per_block: float = float("inf")  # not calibrated: never fetch
+    transfer_overhead_s: float = 0.0
+
+    def fetch_s(self, n_blocks: int) -> float:
+        return self.transfer_overhead_s + n_blocks * self.transfer_s_per_block if n_blocks else 0.0
+
+
+@dataclass(frozen=True)
+class PlacementInput:
+    prompt_tokens: int
+    block_size: int
+    chain: Sequence[BlockHash]
+    workers: Sequence[str]  # live candidates, in a stable order
+    inflight: Mapping[str, int]
+    holdings: Sequence[Holding] | None  # None: index unavailable
+    costs: Mapping[str, WorkerCosts] = field(default_factory=dict)
+    service_s: float = 0.05  # recent mean time a request occupies a worker
+
+
+class Placement(NamedTuple):
+    worker_id: str
+    local_blocks: int  # blocks of the chain the chosen worker holds
+    peer: tuple[str, int] | None  # (holder, leading blocks it holds) to fetch from
+    reason: str  # cache | load | fallback | round_robin | least_loaded
+    best_blocks: int  # most blocks any live worker holds (for miss accounting)
+
+
+class Policy(Protocol):
+    name: str
+
+    def place(self, x: PlacementInput) -> Placement: ...
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def place(self, x: PlacementInput) -> Placement:
+        w = x.workers[next(self._counter) % len(x.workers)]
+        return Placement(w, _held(x, w)[0], None, self.name, _best(x))
+
+
+class LeastLoaded:
+    name = "least_loaded"
+
+    def __init__(self) -> None:
+        self._rr = RoundRobin()
+
+    def place(self, x: PlacementInput) -> Placement:
+        low = min(x.inflight.get(w, 0) for w in x.workers)
+        tied = [w for w in x.workers if x.inflight.get(w, 0) == low]
+        w = self._rr.place(PlacementInput(x.prompt_tokens, x.block_size, x.chain, tied, x.inflight, None)).worker_id
+        return Placement(w, _held(x, w)[0], None, self.name, _best(x))
+
+
+class CacheAware:
+    name = "cache_aware"
+
+    def __init__(self, *, peer_fetch: bool = True, fallback_load_cap: int = 2):
+        self.peer_fetch = peer_fetch
+        self.fallback_load_cap = fallback_load_cap
+        self._rr = RoundRobin()
+
+    def place(self, x: PlacementInput) -> Placement:
+        if x.holdings is None:
+            return self._fallback(x)
+        held = {h.worker_id: h for h in x.holdings if h.worker_id in x.workers}
+        best_cost, best = None, None
+        for i, w in enumerate(x.workers):
+            cost, placement = self._estimate(x, w, held)
+            key = (round(cost, 9), x.inflight.get(w, 0), i)
+            if best_cost is None or key < best_cost:
+                best_cost, best = key, placement
+        return best
+
+    def _estimate(self, x: PlacementInput, w: str, held: Mapping[str, Holding]) -> tuple[float, Placement]:
+        c = x.costs.get(w, WorkerCosts())
+        mine = held.get(w)
+        local, local_dev = (mine.blocks, mine.device_blocks) if mine else (0, 0)
+        peer, fetch = None, 0
+        if self.peer_fetch:
+            # generation 0 = a prediction from recent placements: not (yet) fetchable
+            others = [h for h in held.values() if h.worker_id != w and h.blocks > local and h.generation > 0]
+            if others:
+                top = max(others, key=lambda h: (h.blocks, -x.inflight.get(h.worker_id, 0)))
+                extra = top.blocks - local
+                if c.fetch_s(extra) < extra * x.block_size * c.prefill_s_per_token:
+                    peer, fetch = (top.worker_id, top.blocks), extra
+        cached_tokens = min((local + fetch) * x.block_size, x.prompt_tokens - 1)
+        cost = (
+            (x.prompt_tokens - cached_tokens) * c.prefill_s_per_token
+            + (local - local_dev) * c.promote_s_per_block
+            + c.fetch_s(fetch)
+            + x.inflight.get(w, 0) * x.service_s
+        )
+        reason = "cache" if local or fetch else "load"
+        return cost, Placement(w, local, peer, reason, _best(x))
+
+    def _fallback(self, x: PlacementInput) -> Placement:
+        """Index down: rendezvous-hash the first block so a prefix sticks to one worker."""
+        if not x.chain:
+            w = LeastLoaded().place(x).worker_id
+            return Placement(w, 0, None, "fallback", 0)
+        first = bytes(x.chain[0])
+        ranked = sorted(x.workers, key=lambda w: hashlib.blake2b(first + w.encode(), digest_size=8).digest())
+        low = min(x.inflight.get(w, 0) for w in x.workers)
+        for w in ranked:
+            if x.inflight.get(w, 0) <= low + self.fallback_load_cap:
+                return Placement(w, 0, None, "fallback", 0)
+        return Placement(ranked[0], 0, None, "fallback", 0)
+
+
+POLICIES = {"cache_aware": CacheAware, "round_robin": RoundRobin, "least_loaded": LeastLoaded}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}") from None
+
+
+def _held(x: PlacementInput, w: str) -> tuple[int, int]:
+    for h in x.holdings or ():
+        if h.worker_id == w:
+            return h.blocks, h.device_blocks
+    return 0, 0
+
+
+def _best(x: PlacementInput) -> int:
+    return max((h.blocks for h in x.holdings or () if h.worker_id in x.workers), default=0)

@@ -1,0 +1,221 @@
+"""Router: tokenizes, asks the index once who holds the prompt's prefix, places the request.
+
+`Router` is a plain class (tokenizer + index + policy + in-flight
+accounting), tested without Ray. `RouterService` (cluster/router_actor.py)
+is the async Ray actor around it that forwards requests to workers and
+retries on another worker when one dies.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
+from cluster.policies import Placement, PlacementInput, Policy, WorkerCosts
+from worker.request import Request
+
+SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
+PREDICT_TTL_S = 30.0  # how long a placement counts as "that worker will hold this prefix"
+PREDICT_CAPACITY = 200_000
+
+
+class Plan(NamedTuple):
+    token_ids: list[int]
+    chain: list[BlockHash]
+    placement: Placement
+    holdings: list[Holding] | None  # what the index said (None: unreachable)
+
+
+class NoWorker(Exception):
+    """No live worker is left to place a request on."""
+
+
+class Router:
+    """Placement with honest bookkeeping. Thread-safe (the actor calls it from worker threads)."""
+
+    def __init__(
+        self,
+        *,
+        tokenizer,
+        fingerprint: str,
+        block_size: int,
+        max_context: int,
+        vocab_size: int,
+        index: MetadataIndex | None,
+        policy: Policy,
+        workers: Sequence[str],
+    ):
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.block_size = block_size
+        self.max_context = max_context
+        self.vocab_size = vocab_size
+        self.index = index
+        self.policy = policy
+        self.workers = list(workers)
+        self.alive = set(workers)
+        self.inflight: Counter[str] = Counter()
+        self.costs: dict[str, WorkerCosts] = {}
+        self.service_s: float | None = None  # mean seconds a request occupies a worker (EMA)
+        self.counters = Counters()
+        # Hashes some worker was seen holding: a later miss on one of them was an eviction.
+        self._held_once: OrderedDict[bytes, None] = OrderedDict()
+        # Recent placements: hash -> {worker: expiry}. Until the index shows the blocks (the
+        # request is still running), a burst of requests sharing a prefix is steered by these.
+        self._assigned: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- planning --------------------------------------------------------------
+
+    def prepare(self, req: Request) -> tuple[list[int], list[BlockHash]] | str:
+        """Token ids and block chain of a request, or what is wrong with it."""
+        problem = req.problem()
+        if problem:
+            return problem
+        ids = list(self.tokenizer(req.prompt)["input_ids"]) if isinstance(req.prompt, str) else list(req.prompt)
+        if not ids:
+            return "prompt tokenizes to no tokens; send some text"
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            return f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}); send ids below {self.vocab_size}"
+        if len(ids) + req.max_new_tokens > self.max_context:
+            return (
+                f"prompt has {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: "
+                f"{len(ids) + req.max_new_tokens} exceeds the model context of {self.max_context}; "
+                "shorten the prompt or lower max_new_tokens"
+            )
+        return ids, block_chain(root_hash(self.fingerprint, req.cache_salt), ids, self.block_size)
+
+    def place(self, ids: list[int], chain: list[BlockHash], exclude: Iterable[str] = ()) -> Plan:
+        """Pick a live worker not in `exclude` (one index round trip) and count the request as in
+        flight there; the caller must call `finished(worker, ...)` once it is done.
+
+        The index is read outside the lock; the decision and the in-flight increment are one
+        step under it, so a burst of concurrent placements sees each other's load.
+        """
+        excluded = set(exclude)
+        with self._lock:
+            if not any(w in self.alive and w not in excluded for w in self.workers):
+                raise NoWorker(
+                    f"no live worker to serve the request (workers: {self.workers}, excluded: {sorted(excluded)})"
+                )
+        holdings = None
+        if self.index is not None:
+            try:
+                holdings = self.index.holders(chain)
+            except IndexUnavailable:
+                self.counters.add("placement_index_down")
+        with self._lock:
+            candidates = [w for w in self.workers if w in self.alive and w not in excluded]
+            if not candidates:
+                raise NoWorker(f"no live worker to serve the request (workers: {self.workers})")
+            merged = None if holdings is None else self._with_predictions(holdings, chain, candidates)
+            service_s = self.service_s if self.service_s is not None else self._default_service_s()
+            x = PlacementInput(
+                len(ids), self.block_size, chain, candidates, dict(self.inflight), merged, dict(self.costs), service_s
+            )
+            placement = self.policy.place(x)
+            self.inflight[placement.worker_id] += 1
+            self._remember(chain, placement.worker_id, holdings)
+        self.counters.add("routed")
+        self.counters.add(f"placement_{placement.reason}")
+        if placement.peer is not None:
+            self.counters.add("peer_hints")
+        return Plan(ids, chain, placement, holdings)
+
+    def _with_predictions(self, holdings: list[Holding], chain, candidates) -> list[Holding]:
+        """(Lock held.) Index holdings, extended by what recent placements will have cached (generation 0 marks a
+        prediction: it steers placement but is never used as a peer-fetch source)."""
+        now = time.monotonic()
+        actual = {h.worker_id: h for h in holdings}
+        out = list(holdings)
+        for w in candidates:
+            n = 0
+            for h in chain:
+                expiry = self._assigned.get(bytes(h), {}).get(w)
+                if expiry is None or expiry < now:
+                    break
+                n += 1
+            if n > (actual[w].blocks if w in actual else 0):
+                out = [h for h in out if h.worker_id != w] + [Holding(w, n, n, 0)]
+        return out
+
+    def _remember(self, chain, worker: str, holdings: list[Holding] | None) -> None:
+        """(Lock held.) Record a placement for predictions and the hashes seen held."""
+        expiry = time.monotonic() + PREDICT_TTL_S
+        best = max((h.blocks for h in holdings or ()), default=0)
+        for h in chain:
+            key = bytes(h)
+            self._assigned.setdefault(key, {})[worker] = expiry
+            self._assigned.move_to_end(key)
+        while len(self._assigned) > PREDICT_CAPACITY:
+            self._assigned.popitem(last=False)
+        for h in chain[:best]:
+            self._held_once[bytes(h)] = None
+            self._held_once.move_to_end(bytes(h))
+        while len(self._held_once) > SEEN_CAPACITY:
+            self._held_once.popitem(last=False)
+
+    def account(self, plan: Plan, cached_tokens: int) -> None:
+        """After the result: attribute every full prompt block not served from cache to a reason.
+
+        held_elsewhere: a live worker held it, but this request ran elsewhere (load, or a fetch
+        that did not pay); evicted: some worker held it before, none does now; never_seen:
+        content no worker has held (e.g. each user's own question). Token-weighted counters.
+        """
+        chain, bs = plan.chain, self.block_size
+        covered = -(-cached_tokens // bs)  # a whole cached prompt recomputes its last token by design
+        if plan.holdings is None or covered >= len(chain):
+            return
+        best = max((h.blocks for h in plan.holdings if h.worker_id in self.alive), default=0)
+        reasons: Counter[str] = Counter()
+        with self._lock:
+            for i in range(covered, len(chain)):
+                if i < best:
+                    reasons["held_elsewhere"] += bs
+                elif bytes(chain[i]) in self._held_once:
+                    reasons["evicted"] += bs
+                else:
+                    reasons["never_seen"] += bs
+        self.counters.add_many({f"miss_tokens_{k}": v for k, v in reasons.items()})
+        if cached_tokens == 0:
+            self.counters.add("cold_requests")
+
+    # ---- bookkeeping -------------------------------------------------------------
+
+    def finished(self, worker: str, latency_s: float | None) -> None:
+        with self._lock:
+            self.inflight[worker] -= 1
+            if self.inflight[worker] <= 0:
+                del self.inflight[worker]
+            if latency_s is not None:
+                prev = self.service_s
+                self.service_s = latency_s if prev is None else 0.9 * prev + 0.1 * latency_s
+
+    def _default_service_s(self) -> float:
+        """Before any request finished: assume a 512-token prefill (lock held)."""
+        rates = [c.prefill_s_per_token for c in self.costs.values()] or [WorkerCosts().prefill_s_per_token]
+        return 512 * sum(rates) / len(rates)
+
+    def mark_dead(self, worker: str) -> None:
+        with self._lock:
+            self.alive.discard(worker)
+
+    def mark_alive(self, worker: str) -> None:
+        with self._lock:
+            if worker in self.workers:
+                self.alive.add(worker)
+
+    def add_worker(self, worker: str) -> None:
+        with self._lock:
+            if worker not in self.workers:
+                self.workers.append(worker)
+            self.alive.add(worker)
+
+    def set_costs(self, worker: str, costs: WorkerCosts) -> None:
+        with self._lock:
+            self.costs[worker] = costs

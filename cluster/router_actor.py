@@ -1,0 +1,289 @@
+"""RouterService: the named, async Ray actor in front of the workers.
+
+It places each request with `Router` (tokenize + one index lookup, run off
+the event loop), forwards it to the chosen worker with a peer-fetch hint,
+and retries on another worker if the chosen one dies. A background loop
+checks worker health, refreshes their measured costs and flushes the
+router's counters. Async methods only await; blocking work (tokenizer,
+Redis) runs in threads via `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from typing import Any
+
+import ray
+
+from cache_store import IndexUnavailable, MetadataIndex
+from cluster.policies import WorkerCosts, make_policy
+from cluster.router import NoWorker, Router
+from cluster.service import ServiceSpec, redis_name
+from cluster.stats import summarize
+from worker.actor import NAMESPACE, worker_actor_name
+from worker.models import load_tokenizer
+from worker.request import Request, Result
+
+log = logging.getLogger(__name__)
+HEALTH_TIMEOUT_S = 5.0
+
+
+class RouterService:
+    def __init__(self, spec: dict, workers: list[str], redis_url: str, health_interval_s: float = 2.0):
+        self.spec = ServiceSpec.from_dict(spec)
+        self.worker_ids = list(workers)
+        self.handles: dict[str, Any] = {}
+        self.redis_url = redis_url
+        self.index = MetadataIndex(redis_url, self.spec.cache_config())
+        self.health_interval_s = health_interval_s
+        self.router: Router | None = None
+        self.started_at = time.time()
+        self._tasks: list[asyncio.Task] = []
+        self._tenant_key = b""
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> dict:
+        self.handles = await asyncio.to_thread(self._lookup, self.worker_ids)
+        infos = await asyncio.gather(*(h.info.remote() for h in self.handles.values()))
+        fingerprints = {i["fingerprint"] for i in infos}
+        if len(fingerprints) != 1:
+            raise RuntimeError(
+                f"workers disagree on the model fingerprint {sorted(fingerprints)}; one model per service"
+            )
+        info = infos[0]
+        tokenizer = await asyncio.to_thread(load_tokenizer, self.spec.model)
+        self.router = Router(
+            tokenizer=tokenizer,
+            fingerprint=info["fingerprint"],
+            block_size=info["block_size"],
+            max_context=info["max_context"],
+            vocab_size=info["vocab_size"],
+            index=self.index,
+            policy=make_policy(self.spec.policy),
+            workers=list(self.handles),
+        )
+        self._tenant_key = await asyncio.to_thread(self._load_tenant_key)
+        await asyncio.to_thread(
+            self.index.set_service_info,
+            {
+                "model": self.spec.model,
+                "fingerprint": info["fingerprint"],
+                "block_size": info["block_size"],
+                "policy": self.spec.policy,
+                "workers": list(self.handles),
+                "started_at": self.started_at,
+            },
+        )
+        await self._calibrate()
+        await self._refresh()
+        self._tasks.append(asyncio.create_task(self._background()))
+        return await self.config()
+
+    def _load_tenant_key(self) -> bytes:
+        """A per-service secret for tenant salts, kept in Redis so a restarted router derives the same salts."""
+        try:
+            info = self.index.service_info()
+            if "tenant_key" not in info:
+                self.index.set_service_info({"tenant_key": secrets.token_bytes(32)})
+                info = self.index.service_info()
+            return bytes(info["tenant_key"])
+        except IndexUnavailable:
+            return secrets.token_bytes(32)
+
+    def _lookup(self, ids: list[str]) -> dict[str, Any]:
+        return {w: ray.get_actor(worker_actor_name(self.spec.service, w), namespace=NAMESPACE) for w in ids}
+
+    async def add_workers(self, ids: list[str]) -> list[str]:
+        self.handles.update(await asyncio.to_thread(self._lookup, ids))
+        for w in ids:
+            self.router.add_worker(w)
+        await self._calibrate()
+        await self._refresh()
+        return list(self.handles)
+
+    async def set_policy(self, name: str) -> str:
+        self.router.policy = make_policy(name)
+        self.spec = ServiceSpec.from_dict({**self.spec.to_dict(), "policy": name})
+        return name
+
+    async def shutdown(self) -> list[str]:
+        """Stop background work, let workers deregister; returns the actor names to kill."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*(self._quiet(h.shutdown.remote()) for h in self.handles.values()))
+        await asyncio.to_thread(self._flush_counters)
+        if self.spec.redis_url is None:
+            try:
+                host = ray.get_actor(redis_name(self.spec.service), namespace=NAMESPACE)
+                await self._quiet(host.stop.remote())
+            except ValueError:
+                pass  # the embedded server is already gone
+        names = [worker_actor_name(self.spec.service, w) for w in self.handles]
+        return names + ([redis_name(self.spec.service)] if self.spec.redis_url is None else [])
+
+    # ---- requests ------------------------------------------------------------------
+
+    async def generate(self, request: dict, tenant: str | None = None) -> dict:
+        """Place, forward, retry on worker death. Returns a Result dict; never raises for bad input."""
+        try:
+            req = Request.from_dict(request)
+        except (TypeError, ValueError) as e:
+            return Result.failed(
+                f"bad request: {e}", id=request.get("id") if isinstance(request, dict) else None
+            ).to_dict()
+        if tenant is not None:
+            req = self._salt_for_tenant(req, tenant)
+        prepared = await asyncio.to_thread(self.router.prepare, req)
+        if isinstance(prepared, str):
+            self.router.counters.add("rejected")
+            return Result.failed(prepared, id=req.id).to_dict()
+        ids, chain = prepared
+        tried: list[str] = []
+        errors: list[str] = []
+        while True:
+            try:
+                plan = await asyncio.to_thread(self.router.place, ids, chain, tried)
+            except NoWorker as e:
+                self.router.counters.add("failed_no_worker")
+                detail = f" (after: {'; '.join(errors)})" if errors else ""
+                return Result.failed(f"{e}{detail}", id=req.id, prompt_tokens=len(ids)).to_dict()
+            w = plan.placement.worker_id  # counted in flight there by place()
+            latency = None
+            try:
+                out = await self.handles[w].generate.remote(req.to_dict(), ids, plan.placement.peer)
+                latency = out.get("latency_s")
+                if out.get("error") is None:
+                    self.router.account(plan, out["cached_tokens"])
+                out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": len(tried) + 1}
+                return out
+            except ray.exceptions.RayActorError as e:
+                log.warning("worker %s failed during a request, retrying elsewhere: %s", w, type(e).__name__)
+                self.router.mark_dead(w)
+                self.router.counters.add("retries")
+                tried.append(w)
+                errors.append(f"{w}: {type(e).__name__}")
+            except ray.exceptions.RayTaskError as e:
+                self.router.counters.add("worker_errors")
+                return Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()
+            finally:
+                self.router.finished(w, latency)
+
+    def _salt_for_tenant(self, req: Request, tenant: str) -> Request:
+        """The service sets the salt from the tenant id; a salt in the request body is not trusted."""
+        digest = hmac.new(self._tenant_key, tenant.encode(), hashlib.sha256).hexdigest()[:32]
+        return Request.from_dict({**req.to_dict(), "cache_salt": f"tenant:{digest}"})
+
+    # ---- introspection ---------------------------------------------------------------
+
+    async def config(self) -> dict:
+        return {
+            "service": self.spec.service,
+            "spec": self.spec.to_dict(),
+            "redis_url": self.redis_url,
+            "workers": list(self.handles),
+            "alive": sorted(self.router.alive) if self.router else [],
+            "policy": self.router.policy.name if self.router else self.spec.policy,
+            "fingerprint": self.router.fingerprint if self.router else None,
+            "block_size": self.router.block_size if self.router else self.spec.block_size,
+        }
+
+    async def stats(self) -> dict:
+        await asyncio.gather(*(self._quiet(h.flush.remote()) for h in self.handles.values()))
+        per_worker = {}
+        for w, h in self.handles.items():
+            try:
+                per_worker[w] = await asyncio.wait_for(h.stats.remote(), HEALTH_TIMEOUT_S)
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+                per_worker[w] = {"worker_id": w, "alive": False, "error": type(e).__name__}
+        await asyncio.to_thread(self._flush_counters)
+        try:
+            counters = await asyncio.to_thread(self.index.counters, list(self.handles))
+            source = "index"
+        except IndexUnavailable:
+            counters = {w: s.get("counters", {}) for w, s in per_worker.items()}
+            source = "workers"
+        return {
+            "service": self.spec.service,
+            "policy": self.router.policy.name,
+            "index_available": self.index.available,
+            "counters_source": source,
+            "router": self.router.counters.snapshot(),
+            "inflight": dict(self.router.inflight),
+            "workers": per_worker,
+            **summarize(counters),
+        }
+
+    async def reset_counters(self) -> None:
+        """Only for tests and benchmarks that compare phases: zero the router's own counters."""
+        self.router.counters = type(self.router.counters)()
+
+    # ---- background ------------------------------------------------------------------
+
+    async def _background(self) -> None:
+        beats = 0
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            beats += 1
+            await self._check_health()
+            if beats % 5 == 0:
+                await self._refresh()
+            await asyncio.to_thread(self._flush_counters)
+
+    async def _check_health(self) -> None:
+        async def one(w, h):
+            try:
+                await asyncio.wait_for(h.health.remote(), HEALTH_TIMEOUT_S)
+                self.router.mark_alive(w)
+            except (ray.exceptions.RayError, asyncio.TimeoutError):
+                self.router.mark_dead(w)
+
+        await asyncio.gather(*(one(w, h) for w, h in self.handles.items()))
+
+    async def _calibrate(self) -> None:
+        """Each worker times a transfer from the next one (the real object-store path)."""
+        ids = list(self.handles)
+        if len(ids) < 2:
+            return
+        await asyncio.gather(
+            *(self._quiet(self.handles[w].calibrate.remote(ids[(i + 1) % len(ids)])) for i, w in enumerate(ids))
+        )
+
+    async def _refresh(self) -> None:
+        for w, h in self.handles.items():
+            try:
+                s = await asyncio.wait_for(h.stats.remote(), HEALTH_TIMEOUT_S)
+            except (ray.exceptions.RayError, asyncio.TimeoutError):
+                continue
+            c = s["costs"]
+            self.router.set_costs(
+                w,
+                WorkerCosts(
+                    prefill_s_per_token=c["prefill_ms_per_token"] / 1e3,
+                    transfer_s_per_block=c["transfer_ms_per_block"] / 1e3,
+                    transfer_overhead_s=c["transfer_overhead_ms"] / 1e3,
+                ),
+            )
+
+    def _flush_counters(self) -> None:
+        deltas = self.router.counters.pending()
+        try:
+            self.index.add_counters("router", deltas)
+            self.router.counters.mark_flushed(deltas)
+        except IndexUnavailable:
+            return  # kept; flushed when the index is back
+
+    @staticmethod
+    async def _quiet(ref) -> Any:
+        try:
+            return await asyncio.wait_for(ref, 30)
+        except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+            return e
+
+
+RouterActor = ray.remote(RouterService)

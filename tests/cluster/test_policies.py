@@ -1,0 +1,65 @@
+from cache_store import Holding
+from cluster.policies import CacheAware, LeastLoaded, PlacementInput, RoundRobin, WorkerCosts, make_policy
+
+W = ["a", "b", "c"]
+CHAIN = [bytes([i]) * 16 for i in range(10)]
+FAST_LINK = WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3)
+
+
+def x(holdings, inflight=None, costs=None, prompt_tokens=170, service_s=0.5):
+    return PlacementInput(prompt_tokens, 16, CHAIN, W, inflight or {}, holdings, costs or {}, service_s)
+
+
+def test_cache_aware_prefers_the_holder():
+    p = CacheAware().place(x([Holding("b", 8, 8, 1)]))
+    assert (p.worker_id, p.local_blocks, p.reason) == ("b", 8, "cache")
+
+
+def test_device_beats_host_at_equal_length():
+    p = CacheAware().place(x([Holding("a", 8, 2, 1), Holding("c", 8, 8, 1)]))
+    assert p.worker_id == "c"
+
+
+def test_busy_holder_spreads_load_with_a_peer_fetch():
+    costs = {w: FAST_LINK for w in W}
+    p = CacheAware().place(x([Holding("b", 8, 8, 1)], inflight={"b": 3}, costs=costs))
+    assert p.worker_id != "b"
+    assert p.peer == ("b", 8)
+
+
+def test_no_peer_fetch_when_transfer_is_not_calibrated():
+    p = CacheAware().place(x([Holding("b", 8, 8, 1)], inflight={"b": 3}))
+    assert p.peer is None
+
+
+def test_predicted_holdings_steer_but_are_never_fetched_from():
+    costs = {w: FAST_LINK for w in W}
+    p = CacheAware().place(x([Holding("b", 8, 8, 0)], costs=costs))
+    assert p.worker_id == "b"
+    busy = CacheAware().place(x([Holding("b", 8, 8, 0)], inflight={"b": 5}, costs=costs))
+    assert busy.peer is None
+
+
+def test_fallback_when_index_down_is_sticky_per_prefix():
+    policy = CacheAware()
+    first = policy.place(x(None))
+    assert first.reason == "fallback"
+    assert all(policy.place(x(None)).worker_id == first.worker_id for _ in range(5))
+    loaded = policy.place(x(None, inflight={first.worker_id: 10}))
+    assert loaded.worker_id != first.worker_id  # load cap beats stickiness
+
+
+def test_round_robin_and_least_loaded_ignore_the_cache():
+    rr = RoundRobin()
+    assert [rr.place(x([Holding("b", 8, 8, 1)])).worker_id for _ in range(4)] == ["a", "b", "c", "a"]
+    assert LeastLoaded().place(x([Holding("b", 8, 8, 1)], inflight={"a": 2, "b": 1, "c": 0})).worker_id == "c"
+
+
+def test_make_policy_names():
+    assert make_policy("cache_aware").name == "cache_aware"
+    try:
+        make_policy("best")
+    except ValueError as e:
+        assert "choose one of" in str(e)
+    else:
+        raise AssertionError("unknown policy accepted")

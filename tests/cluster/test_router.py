@@ -1,0 +1,110 @@
+"""Router without Ray: a real index (Valkey), real tokenizer, holdings published as a worker would."""
+
+import pytest
+
+from cache_store import CacheConfig, MetadataIndex
+from cluster.policies import CacheAware, RoundRobin, WorkerCosts
+from cluster.router import NoWorker, Router
+from worker.demo_model import demo_tokenizer
+from worker.request import Request
+
+FP = "f" * 32
+
+
+def make_router(index, policy=None, workers=("w0", "w1")):
+    r = Router(
+        tokenizer=demo_tokenizer(),
+        fingerprint=FP,
+        block_size=16,
+        max_context=8192,
+        vocab_size=259,
+        index=index,
+        policy=policy or CacheAware(),
+        workers=list(workers),
+    )
+    for w in workers:
+        r.set_costs(w, WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3))
+    return r
+
+
+def publish(index, worker, chain):
+    gen = index.register(worker)
+    index.publish(worker, gen, [("add", h, "device") for h in chain])
+
+
+@pytest.fixture
+def index(valkey):
+    idx = MetadataIndex(valkey.url, CacheConfig(redis_timeout_s=0.3, redis_retry_s=0.3))
+    yield idx
+    idx.close()
+
+
+def test_prepare_tokenizes_and_rejects_bad_requests(index):
+    router = make_router(index)
+    ids, chain = router.prepare(Request("x" * 40))
+    assert ids == [ord("x")] * 40 and len(chain) == 2
+    assert "outside the vocabulary" in router.prepare(Request([1, 999]))
+    assert "exceeds the model context" in router.prepare(Request("x" * 8000, max_new_tokens=500))
+    assert "empty or whitespace" in router.prepare(Request("  "))
+
+
+def test_places_on_the_holder_and_salt_changes_the_chain(index):
+    router = make_router(index)
+    ids, chain = router.prepare(Request("Shared prefix! " * 5))
+    publish(index, "w1", chain)
+    plan = router.place(ids, chain)
+    assert plan.placement.worker_id == "w1" and plan.placement.local_blocks == len(chain)
+    _, salted = router.prepare(Request("Shared prefix! " * 5, cache_salt="t"))
+    assert not set(salted) & set(chain)
+
+
+def test_busy_holder_gets_a_peer_hint_elsewhere(index):
+    router = make_router(index)
+    ids, chain = router.prepare(Request("Popular system prompt. " * 10))
+    publish(index, "w0", chain)
+    assert router.place(ids, chain).placement.worker_id == "w0"  # in flight there now
+    plan = router.place(ids, chain)  # queueing behind it costs more than pulling 35 blocks
+    assert plan.placement.worker_id == "w1" and plan.placement.peer == ("w0", len(chain))
+
+
+def test_burst_is_steered_by_recent_placements(index):
+    router = make_router(index)
+    ids, chain = router.prepare(Request("Burst prefix. " * 80))  # recompute (1.1 s) > one queued request (0.5 s)
+    first = router.place(ids, chain).placement.worker_id
+    second = router.place(ids, chain).placement  # nothing published yet: the prediction steers
+    assert second.worker_id == first and second.peer is None
+
+
+def test_index_down_falls_back_and_counts_it(index, valkey):
+    router = make_router(index)
+    ids, chain = router.prepare(Request("Sticky prefix. " * 6))
+    valkey.kill()
+    plans = [router.place(ids, chain).placement for _ in range(3)]
+    assert {p.reason for p in plans} == {"fallback"}
+    assert len({p.worker_id for p in plans}) == 1
+    assert router.counters.get("placement_index_down") == 3
+
+
+def test_dead_workers_are_skipped_and_none_left_is_an_error(index):
+    router = make_router(index, RoundRobin())
+    ids, chain = router.prepare(Request("hello there"))
+    router.mark_dead("w0")
+    assert {router.place(ids, chain).placement.worker_id for _ in range(4)} == {"w1"}
+    with pytest.raises(NoWorker):
+        router.place(ids, chain, exclude=["w1"])
+
+
+def test_miss_reasons_are_token_weighted(index):
+    router = make_router(index)
+    text = "Held prefix here. " * 4  # 72 bytes: 4 full blocks
+    ids, chain = router.prepare(Request(text))
+    publish(index, "w0", chain[:2])
+    plan = router.place(ids, chain, exclude=["w0"])  # forced elsewhere: w0's 2 blocks are "held elsewhere"
+    router.account(plan, cached_tokens=0)
+    c = router.counters.snapshot()
+    assert c["miss_tokens_held_elsewhere"] == 32 and c["miss_tokens_never_seen"] == 32
+    assert c["cold_requests"] == 1
+    index.publish("w0", index.leases()["w0"].generation, [("remove", h, "device") for h in chain[:2]])
+    plan = router.place(ids, chain)
+    router.account(plan, cached_tokens=0)
+    assert router.counters.get("miss_tokens_evicted") == 32  # held once, by nobody now
