@@ -223,7 +223,15 @@ def _submit_job(args, path: Path, out_path: str) -> int:
     entry = f"prefixcache submit requests.jsonl --address auto --service {args.service} --out - --marked --no-progress"
     if args.tenant:
         entry += f" --tenant {json.dumps(args.tenant)}"
-    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(workdir)})
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(workdir)})
+            break
+        except RuntimeError as e:  # the head's job agent is still starting: Ray says to retry
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise UserError(f"the Ray Jobs API refused the job: {e}") from None
+            time.sleep(2.0)
     print(f"submitted Ray Job {job_id}", file=sys.stderr)
     terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
     while (status := client.get_job_status(job_id)) not in terminal:
@@ -235,9 +243,10 @@ def _submit_job(args, path: Path, out_path: str) -> int:
             out.write(line + "\n")
     shutil.rmtree(workdir, ignore_errors=True)
     summary = [line for line in logs.splitlines() if " lines: " in line]
-    print(f"job {job_id} {status.value}: {summary[-1] if summary else ''}", file=sys.stderr)
-    if status != JobStatus.SUCCEEDED and not results:
-        raise UserError(f"the job failed before producing results; its log:\n{logs[-3000:]}")
+    if status != JobStatus.SUCCEEDED and not summary:
+        raise UserError(f"Ray Job {job_id} {status.value} before finishing the batch; its log:\n{logs[-3000:]}")
+    outcome = "finished" if status == JobStatus.SUCCEEDED else "finished, some lines failed"
+    print(f"Ray Job {job_id} {outcome}: {summary[-1]}", file=sys.stderr)
     return EXIT_OK if status == JobStatus.SUCCEEDED else EXIT_PARTIAL
 
 

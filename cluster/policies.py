@@ -50,6 +50,8 @@ class PlacementInput:
     holdings: Sequence[Holding] | None  # None: index unavailable
     costs: Mapping[str, WorkerCosts] = field(default_factory=dict)
     service_s: float = 0.05  # recent mean time a request occupies a worker
+    prefixes: Mapping[str, int] = field(default_factory=dict)  # distinct prompt prefixes recently placed per worker
+    turn: int = 0  # rotates tie-breaks between equal workers
 
 
 class Placement(NamedTuple):
@@ -101,13 +103,23 @@ class CacheAware:
     def place(self, x: PlacementInput) -> Placement:
         if x.holdings is None:
             return self._fallback(x)
-        held = {h.worker_id: h for h in x.holdings if h.worker_id in x.workers}
-        best_cost, best = None, None
+        held = {h.worker_id: h for h in x.holdings if h.worker_id in x.workers and h.blocks > 0}
+        n = len(x.workers)
+        if not held:
+            # Nothing of this prompt is cached anywhere: a new prefix goes where it queues least, then
+            # where the fewest distinct prefixes live, so prefixes (not requests) are spread evenly and
+            # each worker's cache holds its share of the working set.
+            w = min(
+                enumerate(x.workers),
+                key=lambda iw: (x.inflight.get(iw[1], 0), x.prefixes.get(iw[1], 0), (iw[0] - x.turn) % n),
+            )[1]
+            return Placement(w, 0, None, "load", 0)
+        best_key, best = None, None
         for i, w in enumerate(x.workers):
             cost, placement = self._estimate(x, w, held)
-            key = (round(cost, 9), x.inflight.get(w, 0), i)
-            if best_cost is None or key < best_cost:
-                best_cost, best = key, placement
+            key = (round(cost, 9), x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
+            if best_key is None or key < best_key:
+                best_key, best = key, placement
         return best
 
     def _estimate(self, x: PlacementInput, w: str, held: Mapping[str, Holding]) -> tuple[float, Placement]:

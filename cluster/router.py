@@ -67,6 +67,10 @@ class Router:
         # Recent placements: hash -> {worker: expiry}. Until the index shows the blocks (the
         # request is still running), a burst of requests sharing a prefix is steered by these.
         self._assigned: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        # First blocks of recent placements -> workers: how many distinct prefixes each worker serves.
+        self._roots: OrderedDict[bytes, set[str]] = OrderedDict()
+        self._prefixes: Counter[str] = Counter()
+        self._turn = 0
         self._lock = threading.Lock()
 
     # ---- planning --------------------------------------------------------------
@@ -115,8 +119,18 @@ class Router:
                 raise NoWorker(f"no live worker to serve the request (workers: {self.workers})")
             merged = None if holdings is None else self._with_predictions(holdings, chain, candidates)
             service_s = self.service_s if self.service_s is not None else self._default_service_s()
+            self._turn += 1
             x = PlacementInput(
-                len(ids), self.block_size, chain, candidates, dict(self.inflight), merged, dict(self.costs), service_s
+                len(ids),
+                self.block_size,
+                chain,
+                candidates,
+                dict(self.inflight),
+                merged,
+                dict(self.costs),
+                service_s,
+                dict(self._prefixes),
+                self._turn,
             )
             placement = self.policy.place(x)
             self.inflight[placement.worker_id] += 1
@@ -154,6 +168,15 @@ class Router:
             self._assigned.move_to_end(key)
         while len(self._assigned) > PREDICT_CAPACITY:
             self._assigned.popitem(last=False)
+        if chain:
+            root = self._roots.setdefault(bytes(chain[0]), set())
+            if worker not in root:
+                root.add(worker)
+                self._prefixes[worker] += 1
+            self._roots.move_to_end(bytes(chain[0]))
+            while len(self._roots) > SEEN_CAPACITY:
+                for w in self._roots.popitem(last=False)[1]:
+                    self._prefixes[w] -= 1
         for h in chain[:best]:
             self._held_once[bytes(h)] = None
             self._held_once.move_to_end(bytes(h))

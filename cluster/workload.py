@@ -33,7 +33,7 @@ def text(n_chars: int, rng: random.Random) -> str:
         w = rng.choice(_WORDS)
         out.append(w)
         size += len(w) + 1
-    return " ".join(out)[:n_chars]
+    return (" ".join(out) + " ")[:n_chars]
 
 
 def system_prompts(k: int, min_chars: int, max_chars: int, seed: int = 0) -> list[str]:

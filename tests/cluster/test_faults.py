@@ -1,0 +1,84 @@
+"""Faults on a live local cluster: a worker SIGKILLed mid-load, Redis stopped and restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import ray
+
+from cache_store import CacheConfig, EmbeddedRedis, MetadataIndex, block_chain, root_hash
+from cluster import Cluster
+from worker.actor import NAMESPACE, worker_actor_name
+
+FAST = dict(lease_ttl_s=3.0, heartbeat_s=0.5, device_cache_gb=0.05, host_cache_gb=0.05)
+
+
+def wait_for(cond, timeout=30.0, every=0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(every)
+    return False
+
+
+def test_sigkilled_worker_requests_are_retried_elsewhere(ray_local):
+    with EmbeddedRedis() as redis_srv:
+        c = Cluster.start(workers=2, service="t-kill", redis_url=redis_srv.url, max_restarts=0, **FAST)
+        try:
+            system = "Prefix served before and after the crash. " * 8
+            first = c.generate([system + "warm"], max_new_tokens=2)[0]
+            victim = first.worker_id
+            pid = ray.get(ray.get_actor(worker_actor_name("t-kill", victim), namespace=NAMESPACE).health.remote())[
+                "pid"
+            ]
+            results = []
+            thread = threading.Thread(
+                target=lambda: results.extend(c.generate([system + f"user {i}" for i in range(10)], max_new_tokens=48))
+            )
+            thread.start()
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            thread.join(timeout=180)
+            assert len(results) == 10 and all(r.ok for r in results), [r.error for r in results]
+            retried = [r for r in results if r.extra["attempts"] > 1]
+            assert retried and all(r.worker_id != victim for r in retried)
+            assert c.stats()["router"]["retries"] >= len(retried)
+            # Its index entries stop counting within the lease TTL (nobody cleaned them up).
+            index = MetadataIndex(redis_srv.url, CacheConfig(service="t-kill"))
+            chain = block_chain(root_hash(c.config["fingerprint"], None), list(system.encode()), 16)
+            assert wait_for(lambda: victim not in {h.worker_id for h in index.holders(chain)}, timeout=10)
+            # And the service keeps serving on the survivor.
+            [after] = c.generate([system + "after"], max_new_tokens=2)
+            assert after.ok and after.worker_id != victim
+        finally:
+            c.shutdown()
+
+
+def test_redis_outage_degrades_then_recovers(ray_local):
+    with EmbeddedRedis() as redis_srv:
+        c = Cluster.start(workers=2, service="t-redis", redis_url=redis_srv.url, **FAST)
+        try:
+            system = "Prefix that survives a Redis outage. " * 8
+            cold = c.generate([system + "q0"], max_new_tokens=4)[0]
+            warm = c.generate([system + "q1"], max_new_tokens=4)[0]
+            assert warm.extra["placement"] == "cache" and warm.cached_tokens > 0
+            redis_srv.stop()
+            t0 = time.monotonic()
+            during = c.generate([system + f"q{i}" for i in range(2, 6)], max_new_tokens=4)
+            assert time.monotonic() - t0 < 30
+            assert all(r.ok for r in during)
+            assert {r.extra["placement"] for r in during} == {"fallback"}
+            assert sum(r.cached_tokens > 0 for r in during) >= 1  # sticky fallback still finds a local cache
+            redis_srv.start()  # comes back empty
+            index = MetadataIndex(redis_srv.url, CacheConfig(service="t-redis"))
+            chain = block_chain(root_hash(c.config["fingerprint"], None), list(system.encode()), 16)
+            assert wait_for(lambda: index.holders(chain), timeout=20), "workers did not re-publish"
+            assert wait_for(lambda: c.generate([system + "back"], max_new_tokens=1)[0].extra["placement"] == "cache")
+            assert c.stats()["index_available"]
+            assert cold.token_ids and all(r.token_ids for r in during)
+        finally:
+            c.shutdown()

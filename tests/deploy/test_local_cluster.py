@@ -1,0 +1,135 @@
+"""deploy/local-cluster.sh end to end: head + 2 worker nodes + external Redis, token auth on, then the
+same commands a real cluster uses: start, submit through Ray client and as a Ray Job, connect from
+Python through `ray://`, status, stop. Everything runs in subprocesses (this test process may hold
+its own Ray connection)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "deploy" / "local-cluster.sh"
+BIN = Path(sys.executable).parent
+
+
+def run(env, *cmd, timeout=300, check=True):
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=env["WORKDIR"])
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    state = tempfile.mkdtemp(prefix="pfxlc-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "PREFIXCACHE_LOCAL_DIR": state, "PATH": f"{BIN}:{os.environ['PATH']}", "WORKDIR": state}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        run(env, str(SCRIPT), "up", timeout=400)
+        for line in Path(state, "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        yield env
+    finally:
+        subprocess.run([str(SCRIPT), "down"], env=env, timeout=180)
+    assert not Path(state).exists()
+
+
+def test_cluster_commands_end_to_end(local_cluster, tmp_path):
+    env = local_cluster
+    started = run(
+        env,
+        "prefixcache",
+        "start",
+        "--address",
+        env["RAY_ADDRESS"],
+        "--redis-url",
+        env["PREFIXCACHE_REDIS_URL"],
+        "--workers",
+        "2",
+        "--device-cache-gb",
+        "0.05",
+        "--host-cache-gb",
+        "0.05",
+    )
+    assert "service 'default' is up: 2 workers" in started.stdout
+    nodes = {line.split("node=")[1] for line in started.stdout.splitlines() if "node=" in line}
+    assert len(nodes) == 2, started.stdout  # one worker per worker node (the head has 1 CPU)
+    assert env["PREFIXCACHE_REDIS_URL"].split("@")[0].split(":")[-1] not in started.stdout  # password not printed
+
+    system = "You are the remote assistant of the rehearsal cluster. " * 10
+    batch = tmp_path / "batch.jsonl"
+    lines = [json.dumps({"prompt": system + f"Question {i}?", "max_new_tokens": 6, "id": f"r{i}"}) for i in range(8)]
+    batch.write_text("\n".join(lines[:4] + ["{broken"] + lines[4:]) + "\n")
+
+    out = tmp_path / "client.jsonl"
+    p = run(
+        env,
+        "prefixcache",
+        "submit",
+        str(batch),
+        "--address",
+        env["PREFIXCACHE_CLIENT"],
+        "--out",
+        str(out),
+        "--no-progress",
+        check=False,
+    )
+    assert p.returncode == 1, p.stderr  # one bad line
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == list(range(1, 10))
+    assert "line 5: invalid JSON" in records[4]["error"]
+    good = [r for r in records if r["error"] is None]
+    assert len(good) == 8 and sum(r["cached_tokens"] > 0 for r in good) >= 5
+
+    jobs_out = tmp_path / "jobs.jsonl"
+    p = run(
+        env,
+        "prefixcache",
+        "submit",
+        str(batch),
+        "--jobs",
+        env["PREFIXCACHE_JOBS"],
+        "--out",
+        str(jobs_out),
+        check=False,
+        timeout=400,
+    )
+    assert p.returncode == 1 and "Ray Job" in p.stderr, p.stderr
+    job_records = [json.loads(x) for x in jobs_out.read_text().splitlines()]
+    assert len(job_records) == 9
+    by_id = {r["id"]: r for r in records if r["id"]}
+    for r in job_records:
+        if r["error"] is None:
+            assert r["token_ids"] == by_id[r["id"]]["token_ids"]  # same answers, now from cache
+            assert r["cached_tokens"] > 0
+
+    script = (
+        "import json, sys\n"
+        "from cluster import Cluster\n"
+        f"c = Cluster.connect({env['PREFIXCACHE_CLIENT']!r})\n"
+        f"[r] = c.generate([{system!r} + 'Question 0?'], max_new_tokens=6)\n"
+        "s = c.stats()\n"
+        "print(json.dumps({'tokens': list(r.token_ids), 'cached': r.cached_tokens, 'url': c.redis_url,"
+        " 'requests': s['totals']['requests']}))\n"
+        "c.shutdown()\n"
+    )
+    p = run(env, sys.executable, "-c", script)
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == by_id["r0"]["token_ids"] and got["cached"] > 0
+    assert got["url"] == env["PREFIXCACHE_REDIS_URL"]
+    assert got["requests"] >= 17
+
+    status = run(env, "prefixcache", "status", "--address", env["PREFIXCACHE_CLIENT"])
+    assert "hit rate" in status.stdout and "worker-1" in status.stdout
+
+    run(env, "prefixcache", "stop", "--address", env["RAY_ADDRESS"])
+    gone = run(env, "prefixcache", "status", "--address", env["RAY_ADDRESS"], check=False)
+    assert gone.returncode == 2 and "no prefixcache service" in gone.stderr
