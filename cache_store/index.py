@@ -26,6 +26,7 @@ request at most one bounded timeout, not one per call.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -395,6 +396,70 @@ class MetadataIndex:
             pipe.execute()
 
         self._call(run)
+
+    def record_prefixes(self, hits: Mapping[str, int], keep: int = 500) -> None:
+        """Add hit counts of cached prefixes (members "<last block hex>:<tokens>:<tenant>"), keep the top `keep`."""
+        if not hits:
+            return
+        key = self._k("top")
+
+        def run() -> None:
+            pipe = self._r.pipeline(transaction=False)
+            for member, n in hits.items():
+                pipe.zincrby(key, n, member)
+            pipe.zremrangebyrank(key, 0, -(keep + 1))
+            pipe.execute()
+
+        self._call(run)
+
+    def top_prefixes(self, n: int = 20) -> list[tuple[str, int, str, int]]:
+        """Most-hit prefixes: (last block hex, tokens, tenant label, hits)."""
+        rows = self._call(lambda: self._r.zrevrange(self._k("top"), 0, n - 1, withscores=True))
+        out = []
+        for member, score in rows:
+            hx, tokens, tenant = _s(member).split(":", 2)
+            out.append((hx, int(tokens), tenant, int(score)))
+        return out
+
+    def set_pinned(self, hashes: Iterable[BlockHash], pinned: bool) -> None:
+        """Mark prefixes (by their last block) as pinned by an operator, for the dashboard."""
+        members = [h.hex() for h in hashes]
+        if members:
+            fn = self._r.sadd if pinned else self._r.srem
+            self._call(lambda: fn(self._k("pinned"), *members))
+
+    def pinned(self) -> set[str]:
+        return {_s(x) for x in self._call(lambda: self._r.smembers(self._k("pinned")))}
+
+    def holders_of(self, hexes: Sequence[str]) -> dict[str, dict[str, str]]:
+        """Raw holder entries of several blocks, by hex, in one round trip."""
+
+        def run() -> list:
+            pipe = self._r.pipeline(transaction=False)
+            for hx in hexes:
+                pipe.hgetall(f"{self._p}b:{hx}")
+            return pipe.execute()
+
+        return {hx: {_s(k): _s(v) for k, v in e.items()} for hx, e in zip(hexes, self._call(run))}
+
+    def append_history(self, sample: Mapping[str, float], maxlen: int = 4320) -> None:
+        """Append a cluster sample (msgpack) to a capped stream: the dashboard's chart history."""
+        self._call(
+            lambda: self._r.xadd(
+                self._k("history"), {"s": msgpack.packb(dict(sample))}, maxlen=maxlen, approximate=True
+            )
+        )
+
+    def history(self, n: int = 720) -> list[dict[str, float]]:
+        rows = self._call(lambda: self._r.xrevrange(self._k("history"), count=n))
+        return [msgpack.unpackb(fields[b"s"] if b"s" in fields else fields["s"]) for _, fields in reversed(rows)]
+
+    def secret(self, name: str, nbytes: int = 32) -> bytes:
+        """A per-service random secret, created once (SET NX) and kept apart from service info so
+        it is never shown (used to derive tenant cache salts)."""
+        key = self._k("secret", name)
+        self._call(lambda: self._r.set(key, os.urandom(nbytes), nx=True))
+        return bytes(self._call(lambda: self._r.get(key)))
 
     def set_service_info(self, info: Mapping[str, object]) -> None:
         packed = {k: msgpack.packb(v) for k, v in info.items()}

@@ -250,8 +250,8 @@ class TieredStore:
                 self._user_pins.setdefault(hold.blocks[-1].hash, []).append(hold)
         return len(hold)
 
-    def unpin_prefix(self, hashes: Sequence[BlockHash]) -> bool:
-        """Undo one `pin_prefix` whose pinned prefix ended at the last of `hashes` (or any earlier block)."""
+    def unpin_prefix(self, hashes: Sequence[BlockHash]) -> BlockHash | None:
+        """Undo the deepest `pin_prefix` along `hashes`; returns the last block of that pin, or None."""
         with self._lock:
             for h in reversed(hashes):
                 holds = self._user_pins.get(h)
@@ -259,8 +259,8 @@ class TieredStore:
                     self.release(holds.pop())
                     if not holds:
                         del self._user_pins[h]
-                    return True
-            return False
+                    return h
+            return None
 
     def set_priority(self, hashes: Sequence[BlockHash], priority: int) -> None:
         """Eviction priority of cached blocks (used by the 'priority' policy; higher stays longer)."""

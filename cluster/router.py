@@ -8,6 +8,7 @@ retries on another worker when one dies.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -28,6 +29,13 @@ class Plan(NamedTuple):
     chain: list[BlockHash]
     placement: Placement
     holdings: list[Holding] | None  # what the index said (None: unreachable)
+
+
+def tenant_label(cache_salt: str | None) -> str:
+    """How a tenant appears on dashboards: a short hash of its salt, never the salt itself."""
+    if cache_salt is None:
+        return "none"
+    return hashlib.blake2b(cache_salt.encode(), digest_size=6, person=b"pfx-tenant").hexdigest()
 
 
 class NoWorker(Exception):
@@ -71,6 +79,7 @@ class Router:
         self._roots: OrderedDict[bytes, set[str]] = OrderedDict()
         self._prefixes: Counter[str] = Counter()
         self._turn = 0
+        self._prefix_hits: Counter[str] = Counter()  # "<last block hex>:<tokens>:<tenant>" -> hits, unflushed
         self._lock = threading.Lock()
 
     # ---- planning --------------------------------------------------------------
@@ -183,15 +192,29 @@ class Router:
         while len(self._held_once) > SEEN_CAPACITY:
             self._held_once.popitem(last=False)
 
-    def account(self, plan: Plan, cached_tokens: int) -> None:
-        """After the result: attribute every full prompt block not served from cache to a reason.
+    def account(self, plan: Plan, cached_tokens: int, cache_salt: str | None = None) -> None:
+        """After a result: per-tenant counters, the prefix that hit, and why the rest missed.
 
+        Miss reasons, token-weighted, for every full prompt block not served from cache:
         held_elsewhere: a live worker held it, but this request ran elsewhere (load, or a fetch
         that did not pay); evicted: some worker held it before, none does now; never_seen:
-        content no worker has held (e.g. each user's own question). Token-weighted counters.
+        content no worker has held (e.g. each user's own question).
         """
         chain, bs = plan.chain, self.block_size
+        tenant = tenant_label(cache_salt)
         covered = -(-cached_tokens // bs)  # a whole cached prompt recomputes its last token by design
+        self.counters.add_many(
+            {
+                f"t.{tenant}.requests": 1,
+                f"t.{tenant}.hit_requests": int(cached_tokens > 0),
+                f"t.{tenant}.prompt_tokens": len(plan.token_ids),
+                f"t.{tenant}.cached_tokens": cached_tokens,
+            }
+        )
+        if covered and chain:
+            last = min(covered, len(chain))
+            with self._lock:
+                self._prefix_hits[f"{chain[last - 1].hex()}:{last * bs}:{tenant}"] += 1
         if plan.holdings is None or covered >= len(chain):
             return
         best = max((h.blocks for h in plan.holdings if h.worker_id in self.alive), default=0)
@@ -207,6 +230,16 @@ class Router:
         self.counters.add_many({f"miss_tokens_{k}": v for k, v in reasons.items()})
         if cached_tokens == 0:
             self.counters.add("cold_requests")
+
+    def take_prefix_hits(self) -> Counter[str]:
+        """Hand the prefix hits recorded since the last call to the flusher (put them back on failure)."""
+        with self._lock:
+            hits, self._prefix_hits = self._prefix_hits, Counter()
+        return hits
+
+    def restore_prefix_hits(self, hits: Counter[str]) -> None:
+        with self._lock:
+            self._prefix_hits.update(hits)
 
     # ---- bookkeeping -------------------------------------------------------------
 

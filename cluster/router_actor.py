@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from cache_store import IndexUnavailable, MetadataIndex
+from cluster.dashboard.collect import record_history
 from cluster.policies import WorkerCosts, make_policy
 from cluster.router import NoWorker, Router
 from cluster.service import ServiceSpec, redis_name
@@ -88,12 +89,9 @@ class RouterService:
     def _load_tenant_key(self) -> bytes:
         """A per-service secret for tenant salts, kept in Redis so a restarted router derives the same salts."""
         try:
-            info = self.index.service_info()
-            if "tenant_key" not in info:
-                self.index.set_service_info({"tenant_key": secrets.token_bytes(32)})
-                info = self.index.service_info()
-            return bytes(info["tenant_key"])
+            return self.index.secret("tenant-salt")
         except IndexUnavailable:
+            log.warning("index unreachable at start: tenant salts use a key local to this router")
             return secrets.token_bytes(32)
 
     def _lookup(self, ids: list[str]) -> dict[str, Any]:
@@ -159,7 +157,7 @@ class RouterService:
                 out = await self.handles[w].generate.remote(req.to_dict(), ids, plan.placement.peer)
                 latency = out.get("latency_s")
                 if out.get("error") is None:
-                    self.router.account(plan, out["cached_tokens"])
+                    self.router.account(plan, out["cached_tokens"], req.cache_salt)
                 out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": len(tried) + 1}
                 return out
             except ray.exceptions.RayActorError as e:
@@ -234,6 +232,8 @@ class RouterService:
             if beats % 5 == 0:
                 await self._refresh()
             await asyncio.to_thread(self._flush_counters)
+            if beats % 3 == 0:
+                await asyncio.to_thread(self._record_history)
 
     async def _check_health(self) -> None:
         async def one(w, h):
@@ -271,12 +271,21 @@ class RouterService:
             )
 
     def _flush_counters(self) -> None:
+        """Router counters and prefix hits to the index; kept for the next try if it is down."""
         deltas = self.router.counters.pending()
+        hits = self.router.take_prefix_hits()
         try:
             self.index.add_counters("router", deltas)
             self.router.counters.mark_flushed(deltas)
+            self.index.record_prefixes(hits)
         except IndexUnavailable:
-            return  # kept; flushed when the index is back
+            self.router.restore_prefix_hits(hits)
+
+    def _record_history(self) -> None:
+        try:
+            record_history(self.index)
+        except IndexUnavailable:
+            return  # a gap in the chart, nothing else
 
     @staticmethod
     async def _quiet(ref) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,9 +37,19 @@ def valkey():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance for the whole session (about 6 s to start); stopped at the end."""
+    """One local Ray instance for the whole session (about 6 s to start); stopped at the end.
+    `metrics_port` is where Ray exports its Prometheus metrics (ours among them)."""
     import ray
 
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, namespace="prefixcache-tests")
-    yield ray
+    from cache_store.embedded import free_port
+
+    port = free_port()
+    ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        log_to_driver=False,
+        namespace="prefixcache-tests",
+        _metrics_export_port=port,
+    )
+    yield SimpleNamespace(ray=ray, metrics_port=port)
     ray.shutdown()

@@ -24,6 +24,7 @@ import torch
 from cache_store import BlockHash, CacheConfig, Exported, MetadataIndex
 from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model, resolve_dtype
+from worker.ray_metrics import RayMetrics
 from worker.request import Request, Result
 from worker.transfer import BadTransfer, pack_blocks, unpack_blocks
 
@@ -64,6 +65,7 @@ class WorkerService:
         self.engine = Engine(
             loaded, self.config, device=self.device, worker_id=worker_id, index=index, peer_fetcher=self._fetch
         )
+        self.metrics = RayMetrics(self.config.service, worker_id)
         if self.engine.keeper is not None:
             self.engine.keeper.gauges = self._gauges
 
@@ -86,6 +88,7 @@ class WorkerService:
                 self._engine_thread,
                 lambda: self.engine.run(req, token_ids=token_ids, hint=peer, arrived=arrived),
             )
+            self.metrics.observe(result)
             return result.to_dict()
         finally:
             self._inflight -= 1
@@ -167,7 +170,9 @@ class WorkerService:
     # ---- internals ----------------------------------------------------------------
 
     def _gauges(self) -> dict[str, Any]:
-        return {**self.engine.gauges(), "queue": self._inflight, "served": self._served}
+        g = self.engine.gauges()
+        self.metrics.gauges(g, self._inflight)
+        return {**g, "queue": self._inflight, "served": self._served}
 
     def _peer(self, peer_id: str):
         if peer_id not in self._peers:

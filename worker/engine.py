@@ -37,6 +37,7 @@ from cache_store import (
     CacheConfig,
     Exported,
     Hold,
+    IndexUnavailable,
     KVShape,
     LeaseKeeper,
     MetadataIndex,
@@ -216,11 +217,27 @@ class Engine:
     def pin_prefix(self, prompt: str | Sequence[int], cache_salt: str | None = None) -> int:
         """Keep a cached prompt prefix (e.g. a system prompt) from ever being evicted. Returns tokens pinned."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.store.pin_prefix(self.chain(ids, cache_salt), token_blocks(ids, self.block_size)) * self.block_size
+        chain = self.chain(ids, cache_salt)
+        n = self.store.pin_prefix(chain, token_blocks(ids, self.block_size))
+        if n:
+            self._mark_pinned(chain[n - 1], True)
+        return n * self.block_size
 
     def unpin_prefix(self, prompt: str | Sequence[int], cache_salt: str | None = None) -> bool:
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.store.unpin_prefix(self.chain(ids, cache_salt))
+        last = self.store.unpin_prefix(self.chain(ids, cache_salt))
+        if last is not None:
+            self._mark_pinned(last, False)
+        return last is not None
+
+    def _mark_pinned(self, last: BlockHash, pinned: bool) -> None:
+        """Tell the index (for the dashboard); the pin itself is local and holds without it."""
+        if self.index is None:
+            return
+        try:
+            self.index.set_pinned([last], pinned)
+        except IndexUnavailable as e:
+            log.warning("pin not shown on the dashboard: %s", e)
 
     def info(self) -> dict[str, object]:
         return {
@@ -233,6 +250,7 @@ class Engine:
             "block_bytes": self.store.shape.block_bytes,
             "max_context": self.loaded.max_context,
             "vocab_size": self.loaded.vocab_size,
+            "prefill_us_per_token": round(self.costs.prefill_s_per_token * 1e6, 3) if hasattr(self, "costs") else 0,
         }
 
     def gauges(self) -> dict[str, object]:

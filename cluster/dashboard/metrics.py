@@ -1,0 +1,104 @@
+"""Prometheus text exposition of a dashboard snapshot, with the standard prometheus_client library.
+
+Counters are the workers' own monotonic totals (so rates work across
+dashboard restarts); gauges are tier occupancy, queue depth and liveness.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_WORKER_COUNTERS = {
+    "requests": ("requests", "Requests served"),
+    "hit_requests": ("hit_requests", "Requests with at least one cached prompt token"),
+    "prompt_tokens": ("prompt_tokens", "Prompt tokens received"),
+    "prefill_tokens": ("prefill_tokens", "Prompt tokens computed (not served from cache)"),
+    "generated_tokens": ("generated_tokens", "Tokens generated"),
+    "evictions": ("evicted_blocks", "Blocks spilled to host or dropped"),
+}
+
+
+class _SnapshotCollector:
+    def __init__(self, snapshot: dict[str, Any] | None):
+        self.snapshot = snapshot
+
+    def collect(self):
+        up = GaugeMetricFamily("prefixcache_index_up", "1 if the Redis index answered this scrape")
+        up.add_metric([], 1.0 if self.snapshot else 0.0)
+        yield up
+        s = self.snapshot
+        if not s:
+            return
+        per_worker = {w["worker_id"]: w for w in s["workers"]}
+        counters = {
+            k: CounterMetricFamily(f"prefixcache_{name}", text, labels=["worker"])
+            for k, (name, text) in _WORKER_COUNTERS.items()
+        }
+        cached = CounterMetricFamily(
+            "prefixcache_cached_tokens", "Prompt tokens served from cache", labels=["worker", "tier"]
+        )
+        ttft = CounterMetricFamily(
+            "prefixcache_ttft_seconds", "Sum of time to first token (divide by requests)", labels=["worker"]
+        )
+        saved = CounterMetricFamily(
+            "prefixcache_prefill_seconds_saved", "Prefill compute time the cache saved", labels=["worker"]
+        )
+        for w, c in s["per_worker_counters"].items():
+            for k, fam in counters.items():
+                fam.add_metric([w], c.get(k, 0))
+            for tier in ("device", "host", "peer"):
+                cached.add_metric([w, tier], c.get(f"hit_tokens_{tier}", 0))
+            ttft.add_metric([w], c.get("ttft_us_sum", 0) / 1e6)
+            saved.add_metric([w], per_worker.get(w, {}).get("compute_saved_s", 0.0))
+        yield from counters.values()
+        yield from (cached, ttft, saved)
+
+        alive = GaugeMetricFamily("prefixcache_worker_up", "1 while the worker holds its lease", labels=["worker"])
+        queue = GaugeMetricFamily(
+            "prefixcache_queue_depth", "Requests queued or running on the worker", labels=["worker"]
+        )
+        blocks = GaugeMetricFamily("prefixcache_cache_blocks", "KV blocks held", labels=["worker", "tier"])
+        capacity = GaugeMetricFamily(
+            "prefixcache_cache_capacity_blocks", "KV block capacity", labels=["worker", "tier"]
+        )
+        used = GaugeMetricFamily("prefixcache_cache_bytes", "KV bytes held", labels=["worker", "tier"])
+        budget = GaugeMetricFamily("prefixcache_cache_capacity_bytes", "KV byte budget", labels=["worker", "tier"])
+        for w in s["workers"]:
+            alive.add_metric([w["worker_id"]], 1.0 if w["alive"] else 0.0)
+            queue.add_metric([w["worker_id"]], w["queue"])
+            for tier, t in w["tiers"].items():
+                blocks.add_metric([w["worker_id"], tier], t["blocks"])
+                capacity.add_metric([w["worker_id"], tier], t["capacity"])
+                used.add_metric([w["worker_id"], tier], t["bytes"])
+                budget.add_metric([w["worker_id"], tier], t["capacity_bytes"])
+        yield from (alive, queue, blocks, capacity, used, budget)
+
+        ratio = GaugeMetricFamily("prefixcache_hit_ratio", "Cluster hit rate since start", labels=["weight"])
+        ratio.add_metric(["tokens"], s["totals"]["hit_rate"])
+        ratio.add_metric(["requests"], s["totals"]["request_hit_rate"])
+        yield ratio
+        misses = CounterMetricFamily("prefixcache_miss_tokens", "Uncached prompt tokens by reason", labels=["reason"])
+        for reason, n in s["misses"].items():
+            misses.add_metric([reason], n)
+        yield misses
+        tenant_req = CounterMetricFamily(
+            "prefixcache_tenant_requests", "Requests per tenant (hashed)", labels=["tenant"]
+        )
+        tenant_hit = GaugeMetricFamily(
+            "prefixcache_tenant_hit_ratio", "Token hit rate per tenant (hashed)", labels=["tenant"]
+        )
+        for t in s["tenants"]:
+            tenant_req.add_metric([t["tenant"]], t.get("requests", 0))
+            tenant_hit.add_metric([t["tenant"]], t["hit_rate"])
+        yield from (tenant_req, tenant_hit)
+
+
+def render(snapshot: dict[str, Any] | None) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(_SnapshotCollector(snapshot))
+    return generate_latest(registry)
