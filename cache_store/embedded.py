@@ -18,8 +18,17 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import redis
+
+
+class TLSFiles(NamedTuple):
+    """PEM files for a TLS-only server (the server's certificate, its key, the CA clients trust)."""
+
+    cert: str
+    key: str
+    ca: str
 
 
 def valkey_binary() -> str:
@@ -43,6 +52,7 @@ class EmbeddedRedis:
         port: int | None = None,
         password: str | None = "random",
         data_dir: str | Path | None = None,
+        tls: TLSFiles | None = None,
     ):
         self.binary = binary or valkey_binary()
         self.host = host
@@ -50,17 +60,34 @@ class EmbeddedRedis:
         self.password = secrets.token_urlsafe(18) if password == "random" else password
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="prefixcache-redis-"))
+        self.tls = tls
         self._proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}{self.host}:{self.port}/0?ssl_ca_certs={self.tls.ca}"
         return f"redis://{auth}{self.host}:{self.port}/0"
 
+    def client(self, **kw) -> redis.Redis:
+        return redis.Redis.from_url(self.url, **kw)
+
     def _config(self) -> str:
+        if self.tls:  # TLS only: the plain port is closed
+            ports = [
+                "port 0",
+                f"tls-port {self.port}",
+                f"tls-cert-file {self.tls.cert}",
+                f"tls-key-file {self.tls.key}",
+                f"tls-ca-cert-file {self.tls.ca}",
+                "tls-auth-clients no",
+            ]
+        else:
+            ports = [f"port {self.port}"]
         lines = [
             f"bind {self.host}",
-            f"port {self.port}",
+            *ports,
             "protected-mode yes",
             'save ""',
             "appendonly no",
@@ -79,7 +106,7 @@ class EmbeddedRedis:
         conf = self.data_dir / "server.conf"
         conf.write_text(self._config())
         self._proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=1)
+        client = self.client(socket_timeout=1)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -104,7 +131,7 @@ class EmbeddedRedis:
         if self._proc is None:
             return
         if save:
-            client = redis.Redis(host=self.host, port=self.port, password=self.password, socket_timeout=30)
+            client = self.client(socket_timeout=30)
             try:
                 client.save()
             finally:

@@ -138,6 +138,12 @@ class Cluster:
 
     @property
     def config(self) -> dict:
+        """The service's settings as of connecting (cached)."""
+        return dict(self._config)
+
+    def config_now(self) -> dict:
+        """The service's settings and live workers, asked of the router now."""
+        self._config = ray.get(self._router.config.remote())
         return dict(self._config)
 
     def set_policy(self, name: str) -> None:

@@ -135,6 +135,10 @@ class RouterService:
             return Result.failed(
                 f"bad request: {e}", id=request.get("id") if isinstance(request, dict) else None
             ).to_dict()
+        problem = self._tenant_problem(req, tenant)
+        if problem:
+            self.router.counters.add("rejected")
+            return Result.failed(problem, id=req.id).to_dict()
         if tenant is not None:
             req = self._salt_for_tenant(req, tenant)
         prepared = await asyncio.to_thread(self.router.prepare, req)
@@ -171,6 +175,20 @@ class RouterService:
                 return Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()
             finally:
                 self.router.finished(w, latency)
+
+    def _tenant_problem(self, req: Request, tenant: str | None) -> str | None:
+        if tenant is not None:
+            if not isinstance(tenant, str) or not 0 < len(tenant) <= 256:
+                return "tenant must be a non-empty string of at most 256 characters"
+            if req.cache_salt is not None:
+                return "pass either a tenant (the service derives the cache salt from it) or cache_salt, not both"
+        elif self.spec.tenant_mode:
+            return (
+                "this service runs in tenant mode: every request needs a tenant id "
+                "(Cluster.generate(..., tenant=...), prefixcache submit --tenant); a cache_salt in "
+                "the request is not accepted"
+            )
+        return None
 
     def _salt_for_tenant(self, req: Request, tenant: str) -> Request:
         """The service sets the salt from the tenant id; a salt in the request body is not trusted."""

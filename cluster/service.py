@@ -46,6 +46,8 @@ class ServiceSpec:
     detached: bool = False
     lease_ttl_s: float = 10.0
     heartbeat_s: float = 2.0
+    tenant_mode: bool = False  # every request names a tenant; the service derives its cache salt
+    audit_fraction: float = 0.0  # share of cache hits re-computed without the cache and compared
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.service):
@@ -60,6 +62,8 @@ class ServiceSpec:
             raise ValueError(
                 f"redis_url must start with redis://, rediss:// or unix://, got {redact(self.redis_url)!r}"
             )
+        if not 0.0 <= self.audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction must be in [0, 1], got {self.audit_fraction!r}")
         self.cache_config()  # checks block size, eviction and timings
 
     def cache_config(self) -> CacheConfig:
@@ -190,7 +194,14 @@ def _start_workers(spec: ServiceSpec, redis_url: str, ids: list[str], lifetime) 
             num_cpus=spec.cpus_per_worker,
             num_gpus=gpus,
             max_restarts=spec.max_restarts,
-        ).remote(wid, spec.model, asdict(spec.cache_config()), redis_url=redis_url, dtype=spec.dtype)
+        ).remote(
+            wid,
+            spec.model,
+            asdict(spec.cache_config()),
+            redis_url=redis_url,
+            dtype=spec.dtype,
+            audit_fraction=spec.audit_fraction,
+        )
         for wid in ids
     }
     try:

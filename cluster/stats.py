@@ -31,6 +31,8 @@ SUMMED = (
     "peer_fetch_failures",
     "peer_fetched_blocks",
     "ttft_us_sum",
+    "audit_checked",
+    "audit_mismatches",
 )
 
 

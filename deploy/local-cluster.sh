@@ -29,6 +29,13 @@ export RAY_raylet_start_wait_time_s=${RAY_raylet_start_wait_time_s:-120}  # slow
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
+# Each node's agents get ports of their own, so this cluster can run beside another Ray on the
+# same machine (Ray's defaults, e.g. 52365 for the dashboard agent, would collide).
+agent_ports() {
+  echo "--dashboard-agent-listen-port $(free_port) --dashboard-agent-grpc-port $(free_port)" \
+       "--metrics-export-port $(free_port) --runtime-env-agent-port $(free_port)"
+}
+
 wait_for() {  # wait_for SECONDS COMMAND...
   local deadline=$((SECONDS + $1)); shift
   until "$@" >/dev/null 2>&1; do
@@ -66,14 +73,16 @@ logfile $DIR/redis.log
 EOF
   "$redis_bin" "$DIR/redis.conf" > /dev/null 2>&1 & echo $! > "$DIR/redis.pid"
 
-  ray start --head --block --port "$gcs" --ray-client-server-port "$client" \
+  # shellcheck disable=SC2046  # agent_ports prints separate words on purpose
+  ray start --head --block --port "$gcs" --ray-client-server-port "$client" $(agent_ports) \
     --include-dashboard=true --dashboard-host 127.0.0.1 --dashboard-port "$dash" \
     --num-cpus 1 --temp-dir "$DIR/ray" > "$DIR/head.log" 2>&1 & echo $! > "$DIR/head.pid"
   # Join worker nodes one at a time, each after the cluster has registered the previous one:
   # on a small machine a burst of joins can time out while the head is still starting.
   for i in $(seq 0 "$WORKER_NODES"); do
     if [ "$i" -gt 0 ]; then
-      ray start --address "127.0.0.1:$gcs" --block --num-cpus "$CPUS_PER_NODE" \
+      # shellcheck disable=SC2046
+      ray start --address "127.0.0.1:$gcs" --block --num-cpus "$CPUS_PER_NODE" $(agent_ports) \
         > "$DIR/worker$i.log" 2>&1 & echo $! > "$DIR/worker$i.pid"
     fi
     wait_for 120 nodes_alive "$gcs" $((i + 1))

@@ -46,6 +46,7 @@ class WorkerService:
         redis_url: str | None,
         dtype: str | None = None,
         peer_timeout_s: float = 10.0,
+        audit_fraction: float = 0.0,
     ):
         self.worker_id = worker_id
         self.config = CacheConfig(**cache)
@@ -63,7 +64,13 @@ class WorkerService:
         self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{worker_id}")
         self._side_thread = ThreadPoolExecutor(2, thread_name_prefix=f"export-{worker_id}")
         self.engine = Engine(
-            loaded, self.config, device=self.device, worker_id=worker_id, index=index, peer_fetcher=self._fetch
+            loaded,
+            self.config,
+            device=self.device,
+            worker_id=worker_id,
+            index=index,
+            peer_fetcher=self._fetch,
+            audit_fraction=audit_fraction,
         )
         self.metrics = RayMetrics(self.config.service, worker_id)
         if self.engine.keeper is not None:

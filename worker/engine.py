@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -54,6 +55,9 @@ from worker.sampling import make_generator, next_token
 
 log = logging.getLogger(__name__)
 GB = 1 << 30
+# Largest last-position logit difference the audit accepts between cached and fresh prefill:
+# float noise of the two computation orders, far below what a wrong block produces.
+AUDIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,13 @@ class Engine:
         index: MetadataIndex | None = None,
         model_fingerprint: str | None = None,
         peer_fetcher: PeerFetcher | None = None,
+        audit_fraction: float = 0.0,
+        audit_seed: int | None = None,
     ):
+        if not 0.0 <= audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction must be in [0, 1], got {audit_fraction!r}")
+        self.audit_fraction = audit_fraction
+        self._audit_rng = random.Random(audit_seed)
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -129,10 +139,13 @@ class Engine:
         worker_id: str | None = None,
         cache_config: CacheConfig | None = None,
         peer_fetcher: PeerFetcher | None = None,
+        audit_fraction: float = 0.0,
     ) -> Engine:
         """Load 'demo' or a local Hugging Face causal-LM directory with a fresh cache.
 
         With `redis_url`, the engine takes a lease in that index and publishes its blocks.
+        `audit_fraction` of cache hits are re-computed without the cache and compared
+        (counters `audit_checked` / `audit_mismatches`; expected 0 mismatches).
         """
         config = cache_config or CacheConfig(
             block_size=block_size,
@@ -145,7 +158,15 @@ class Engine:
         loaded = load_model(model, dev, resolve_dtype(dtype, dev))
         index = MetadataIndex(redis_url, config) if redis_url else None
         wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        return cls(loaded, config, device=dev, worker_id=wid, index=index, peer_fetcher=peer_fetcher)
+        return cls(
+            loaded,
+            config,
+            device=dev,
+            worker_id=wid,
+            index=index,
+            peer_fetcher=peer_fetcher,
+            audit_fraction=audit_fraction,
+        )
 
     # ---- public API -----------------------------------------------------------
 
@@ -314,6 +335,8 @@ class Engine:
             self._write_back(ids + out, req.cache_salt, pre)
         finally:
             self.store.release(pre.hold)
+        if pre.cached_tokens and self.audit_fraction and self._audit_rng.random() < self.audit_fraction:
+            self._audit(ids, pre.logits)
         done = time.perf_counter()
         ttft = (t_first or done) - t0
         self._count(ids, pre, out, ttft)
@@ -432,6 +455,15 @@ class Engine:
         self.counters.add("peer_fetches")
         self.counters.add("peer_fetched_blocks", max(0, len(longer) - local))
         return longer
+
+    def _audit(self, ids: list[int], cached_logits: torch.Tensor) -> None:
+        """Recompute a hit without the cache; a difference beyond float noise is a mismatch."""
+        fresh = self._forward(ids, DynamicCache(config=self.model.config), 0)
+        diff = float((fresh.float() - cached_logits.float()).abs().max())
+        self.counters.add("audit_checked")
+        if diff > AUDIT_TOLERANCE.get(self.dtype, 1e-3):
+            self.counters.add("audit_mismatches")
+            log.error("audit: cached prefill differs from a fresh one by %.3g (prompt of %d tokens)", diff, len(ids))
 
     def _count(self, ids: list[int], pre: Prefill, out: list[int], ttft: float) -> None:
         self.counters.add_many(

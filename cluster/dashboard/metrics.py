@@ -20,6 +20,8 @@ _WORKER_COUNTERS = {
     "prefill_tokens": ("prefill_tokens", "Prompt tokens computed (not served from cache)"),
     "generated_tokens": ("generated_tokens", "Tokens generated"),
     "evictions": ("evicted_blocks", "Blocks spilled to host or dropped"),
+    "audit_checked": ("audit_checked", "Cache hits re-computed without the cache by the audit"),
+    "audit_mismatches": ("audit_mismatches", "Audited hits whose logits differed (expected 0)"),
 }
 
 

@@ -44,7 +44,8 @@ function renderKpis(s) {
   $("kpi-saved").textContent = num(t.cached_tokens);
   $("kpi-compute").textContent = `≈ ${secs(t.compute_saved_s)} of prefill compute saved`;
   $("kpi-requests").textContent = num(t.requests);
-  $("kpi-ttft").textContent = t.requests ? `mean TTFT ${secs(t.mean_ttft_s)}` : "";
+  const audit = t.audit_checked ? ` · audit: ${num(t.audit_checked)} hits re-checked, ${num(t.audit_mismatches)} mismatches` : "";
+  $("kpi-ttft").textContent = t.requests ? `mean TTFT ${secs(t.mean_ttft_s)}${audit}` : "";
   $("kpi-workers").textContent = `${s.workers_alive} / ${s.workers.length}`;
   const m = s.model || {};
   $("kpi-model").textContent = m.model ? `model ${m.model} · block ${m.block_size} · ${m.policy}` : "";
