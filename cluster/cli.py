@@ -2,6 +2,7 @@
 
     prefixcache demo                      local service + workload + table (+ dashboard)
     prefixcache start --address ADDR      start router + workers on a running Ray cluster
+    prefixcache add-workers N --address ADDR   scale out
     prefixcache stop  --address ADDR      stop them (workers deregister from the index)
     prefixcache status --address ADDR     hit rates and workers
     prefixcache submit FILE.jsonl --address ray://HOST:10001 --out results.jsonl
@@ -69,6 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
     )
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="default: 1 when the cluster has GPUs, else 0; 0.5 puts two workers on a GPU",
+    )
+    p.add_argument(
+        "--tenant-mode",
+        action="store_true",
+        help="every request must name a tenant; the service derives its cache salt",
+    )
+    p.add_argument(
+        "--audit-fraction",
+        type=float,
+        default=0.0,
+        help="share of cache hits re-computed without the cache and compared (e.g. 0.01)",
+    )
+
+    p = sub.add_parser("add-workers", help="scale out: start N more workers with the service's settings")
+    p.add_argument("n", type=int)
+    _address_arg(p)
+    _service_args(p)
 
     for name, text in (("stop", "stop the service started with `start`"), ("status", "hit rates, workers, index")):
         p = sub.add_parser(name, help=text)

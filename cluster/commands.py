@@ -102,6 +102,17 @@ def start(args) -> int:
     return EXIT_OK
 
 
+def add_workers(args) -> int:
+    from cluster.service import add_workers as add
+
+    if args.n < 1:
+        raise UserError("add at least one worker")
+    with _ray(args.address):
+        added = _service_error(add, args.service, args.n)
+    print(f"service {args.service!r}: added {', '.join(added)}")
+    return EXIT_OK
+
+
 def stop(args) -> int:
     from cluster.service import stop_service
 

@@ -145,6 +145,7 @@ class WorkerService:
             "served": self._served,
             "device": str(self.device),
             "gpu_ids": self.gpu_ids,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
             "pid": os.getpid(),
             "index_connected": bool(keeper and keeper.connected),

@@ -117,3 +117,11 @@ def test_unknown_cli_flag_and_missing_file_are_usage_errors(tmp_path, capsys):
 def test_request_objects_run_directly(cluster):
     [r] = cluster.run([Request("Direct request object", max_new_tokens=2, id="direct")])
     assert r.id == "direct" and r.ok
+
+
+def test_scale_out_adds_a_serving_worker(cluster):
+    assert cluster.add_workers(1) == ["worker-2"]
+    assert cluster.config_now()["workers"] == ["worker-0", "worker-1", "worker-2"]
+    results = [cluster.generate([f"A brand new prefix number {i}. " * 4], max_new_tokens=1)[0] for i in range(3)]
+    assert "worker-2" in {r.worker_id for r in results}  # new prefixes go where the fewest live
+    assert cluster.stats()["workers"]["worker-2"]["alive"]
