@@ -85,6 +85,9 @@ def start(args) -> int:
         eviction=args.eviction,
         dtype=args.dtype,
         cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        tenant_mode=args.tenant_mode,
+        audit_fraction=args.audit_fraction,
         detached=True,
     )
     with _ray(args.address) as ray:
