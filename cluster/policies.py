@@ -6,8 +6,10 @@ Ray or Redis and benchmarks can swap policies by name:
     cache_aware    minimise estimated time to first token: uncached prefill
                    + promotion of host-tier blocks + peer fetch (when the
                    cost model says fetching beats recomputing) + queueing
-                   behind in-flight requests. A hot prefix therefore spreads
-                   once its holder's queue costs more than a peer fetch.
+                   behind in-flight requests, + recomputing what another
+                   worker already holds counted once more (cluster time lost).
+                   A hot prefix therefore spreads once its holder's queue
+                   costs more than a peer fetch (or a duplicate prefill).
     round_robin    ignore the cache (what a plain load balancer does).
     least_loaded   fewest in-flight requests, ignore the cache.
 
@@ -95,6 +97,8 @@ class LeastLoaded:
 class CacheAware:
     name = "cache_aware"
 
+    duplicate_weight = 1.0  # extra cost per token recomputed that another worker already has
+
     def __init__(self, *, peer_fetch: bool = True, fallback_load_cap: int = 2):
         self.peer_fetch = peer_fetch
         self.fallback_load_cap = fallback_load_cap
@@ -136,8 +140,13 @@ class CacheAware:
                 if c.fetch_s(extra) < extra * x.block_size * c.prefill_s_per_token:
                     peer, fetch = (top.worker_id, top.blocks), extra
         cached_tokens = min((local + fetch) * x.block_size, x.prompt_tokens - 1)
+        # Blocks another worker holds (or is computing) that this one would compute again: that
+        # time is also lost to the cluster, so it counts twice against spreading a burst.
+        elsewhere = max((h.blocks for h in held.values() if h.worker_id != w), default=0)
+        duplicated = max(0, elsewhere - local - fetch) * x.block_size
         cost = (
             (x.prompt_tokens - cached_tokens) * c.prefill_s_per_token
+            + self.duplicate_weight * duplicated * c.prefill_s_per_token
             + (local - local_dev) * c.promote_s_per_block
             + c.fetch_s(fetch)
             + x.inflight.get(w, 0) * x.service_s

@@ -243,14 +243,15 @@ class Router:
 
     # ---- bookkeeping -------------------------------------------------------------
 
-    def finished(self, worker: str, latency_s: float | None) -> None:
+    def finished(self, worker: str, service_s: float | None) -> None:
+        """The request left `worker`; `service_s` is how long it occupied it (None if it failed)."""
         with self._lock:
             self.inflight[worker] -= 1
             if self.inflight[worker] <= 0:
                 del self.inflight[worker]
-            if latency_s is not None:
+            if service_s is not None:
                 prev = self.service_s
-                self.service_s = latency_s if prev is None else 0.9 * prev + 0.1 * latency_s
+                self.service_s = service_s if prev is None else 0.9 * prev + 0.1 * service_s
 
     def _default_service_s(self) -> float:
         """Before any request finished: assume a 512-token prefill (lock held)."""

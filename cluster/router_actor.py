@@ -159,7 +159,9 @@ class RouterService:
             latency = None
             try:
                 out = await self.handles[w].generate.remote(req.to_dict(), ids, plan.placement.peer)
-                latency = out.get("latency_s")
+                # how long the request occupied the worker (its own queueing excluded): what the
+                # requests queued behind it will wait for
+                latency = out.get("latency_s", 0.0) - out.get("queue_s", 0.0)
                 if out.get("error") is None:
                     self.router.account(plan, out["cached_tokens"], req.cache_salt)
                 out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": len(tried) + 1}

@@ -53,6 +53,7 @@ def zipf_choices(n: int, k: int, s: float, rng: random.Random) -> list[int]:
 class Workload:
     requests: list[Request]
     prefix_of: list[int]  # which system prompt each request uses (-1: none)
+    prefixes: tuple[str, ...] = ()  # the system prompts
 
 
 def shared_prompts(
@@ -79,12 +80,15 @@ def shared_prompts(
         )
         for i, p in enumerate(picks)
     ]
-    return Workload(reqs, picks)
+    return Workload(reqs, picks, tuple(prompts))
 
 
-def cold(n: int, chars: int, *, max_new_tokens: int = 16, seed: int = 0) -> Workload:
+def cold(n: int, chars: int, *, max_new_tokens: int = 16, seed: int = 0, cache_salt: str | None = None) -> Workload:
     rng = random.Random(seed + 7)
-    reqs = [Request(f"{i}:" + text(chars, rng), max_new_tokens=max_new_tokens, id=f"c{i}") for i in range(n)]
+    reqs = [
+        Request(f"{i}:" + text(chars, rng), max_new_tokens=max_new_tokens, cache_salt=cache_salt, id=f"c{i}")
+        for i in range(n)
+    ]
     return Workload(reqs, [-1] * n)
 
 
@@ -97,6 +101,7 @@ def chats(
     turn_chars: int = 60,
     max_new_tokens: int = 16,
     seed: int = 0,
+    cache_salt: str | None = None,
 ) -> Iterator[tuple[int, list[Result]]]:
     """Run chats turn by turn (all chats' turn t together); yields (turn, results)."""
     rng = random.Random(seed + 11)
@@ -105,7 +110,7 @@ def chats(
         reqs = []
         for c in range(n_chats):
             history[c] += f"User: {text(turn_chars, rng)}\nAssistant:"
-            reqs.append(Request(history[c], max_new_tokens=max_new_tokens, id=f"chat{c}-t{t}"))
+            reqs.append(Request(history[c], max_new_tokens=max_new_tokens, cache_salt=cache_salt, id=f"chat{c}-t{t}"))
         results = run(reqs)
         for c, r in enumerate(results):
             history[c] += r.text + "\n"

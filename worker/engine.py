@@ -368,10 +368,7 @@ class Engine:
                 hold = self._fetch_from_peer(hint, hashes, blocks, hold)
                 sources += ["peer"] * (len(hold) - local)
             n_cached = min(len(hold) * bs, len(ids) - 1)  # the last prompt token is always recomputed
-            if n_cached > 0:
-                cache = DynamicCache(ddp_cache_data=self.store.gather(hold, n_cached), config=self.model.config)
-            else:
-                cache = DynamicCache(config=self.model.config)
+            cache = self._cache_from(self.store.gather(hold, n_cached) if n_cached else [])
             logits = self._forward(ids[n_cached:], cache, n_cached)
         except BaseException:
             self.store.release(hold)
@@ -380,6 +377,18 @@ class Engine:
         for i, source in enumerate(sources):
             by_tier[source] += max(0, min(bs, n_cached - i * bs))
         return Prefill(cache, logits, hold, n_cached, by_tier)
+
+    def _cache_from(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+        """A DynamicCache holding the gathered prefix as is. (`DynamicCache(ddp_cache_data=kv)` would
+        concatenate every layer onto an empty tensor: one more copy of the whole prefix per request.)"""
+        cache = DynamicCache(config=self.model.config)
+        if kv:
+            if len(kv) != len(cache.layers):
+                raise RuntimeError(f"{len(kv)} cached layers for a model with {len(cache.layers)}")
+            for layer, (k, v) in zip(cache.layers, kv):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k, v
+        return cache
 
     def _forward(self, ids: Sequence[int], cache: DynamicCache, start: int) -> torch.Tensor:
         """Run `ids` at positions start.. on top of `cache` (mutated); logits of the last position."""
