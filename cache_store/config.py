@@ -9,7 +9,7 @@ from cache_store.errors import ConfigError
 
 GIB = 1 << 30
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-EVICTION_POLICIES = ("lru", "lfu", "priority")
+EVICTION_POLICIES = ("lru", "slru", "lfu", "priority")
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class CacheConfig:
     block_size: int = 16
     device_bytes: int = GIB // 2
     host_bytes: int = GIB
-    eviction: str = "lru"
+    eviction: str = "slru"  # never-reused blocks first, then LRU (see cache_store.policy)
     service: str = "default"  # Redis key namespace: one per deployment
     lease_ttl_s: float = 10.0  # a worker silent this long stops being routed to
     heartbeat_s: float = 2.0

@@ -32,6 +32,16 @@ class LRU:
         return (node.last_access,)
 
 
+class SegmentedLRU:
+    """Blocks never reused go first (one-shot content: each user's own question, generated text),
+    then least recently used. Shared prefixes survive a stream of unique requests."""
+
+    name = "slru"
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (min(node.hits, 1), node.last_access)
+
+
 class LFU:
     """Fewest hits first; among equals, least recently used."""
 
@@ -50,7 +60,7 @@ class Priority:
         return (node.priority, node.last_access)
 
 
-POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, LFU, Priority)}
+POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, SegmentedLRU, LFU, Priority)}
 
 
 def make_policy(name: str) -> EvictionPolicy:

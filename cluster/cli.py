@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-cache-gb", type=float, default=1.0)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--policy", default="cache_aware", choices=["cache_aware", "round_robin", "least_loaded"])
-    p.add_argument("--eviction", default="lru", choices=["lru", "lfu", "priority"])
+    p.add_argument(
+        "--eviction",
+        default="slru",
+        choices=["slru", "lru", "lfu", "priority"],
+        help="slru (default): blocks never reused go first, then least recently used",
+    )
     p.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
     )

@@ -49,11 +49,14 @@ class PlacementInput:
     chain: Sequence[BlockHash]
     workers: Sequence[str]  # live candidates, in a stable order
     inflight: Mapping[str, int]
-    holdings: Sequence[Holding] | None  # None: index unavailable
+    holdings: Sequence[Holding] | None  # what the index says (fetchable); None: index unavailable
     costs: Mapping[str, WorkerCosts] = field(default_factory=dict)
     service_s: float = 0.05  # recent mean time a request occupies a worker
     prefixes: Mapping[str, int] = field(default_factory=dict)  # distinct prompt prefixes recently placed per worker
     turn: int = 0  # rotates tie-breaks between equal workers
+    # Leading blocks each worker will hold once the requests already placed there ran: a burst for a
+    # new prefix queues behind the request computing it instead of computing it again elsewhere.
+    predicted: Mapping[str, int] = field(default_factory=dict)
 
 
 class Placement(NamedTuple):
@@ -107,9 +110,10 @@ class CacheAware:
     def place(self, x: PlacementInput) -> Placement:
         if x.holdings is None:
             return self._fallback(x)
-        held = {h.worker_id: h for h in x.holdings if h.worker_id in x.workers and h.blocks > 0}
+        actual = {h.worker_id: h for h in x.holdings if h.worker_id in x.workers and h.blocks > 0}
+        expect = {w: max(actual[w].blocks if w in actual else 0, x.predicted.get(w, 0)) for w in x.workers}
         n = len(x.workers)
-        if not held:
+        if not any(expect.values()):
             # Nothing of this prompt is cached anywhere: a new prefix goes where it queues least, then
             # where the fewest distinct prefixes live, so prefixes (not requests) are spread evenly and
             # each worker's cache holds its share of the working set.
@@ -120,20 +124,22 @@ class CacheAware:
             return Placement(w, 0, None, "load", 0)
         best_key, best = None, None
         for i, w in enumerate(x.workers):
-            cost, placement = self._estimate(x, w, held)
+            cost, placement = self._estimate(x, w, actual, expect)
             key = (round(cost, 9), x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
             if best_key is None or key < best_key:
                 best_key, best = key, placement
         return best
 
-    def _estimate(self, x: PlacementInput, w: str, held: Mapping[str, Holding]) -> tuple[float, Placement]:
+    def _estimate(
+        self, x: PlacementInput, w: str, actual: Mapping[str, Holding], expect: Mapping[str, int]
+    ) -> tuple[float, Placement]:
         c = x.costs.get(w, WorkerCosts())
-        mine = held.get(w)
-        local, local_dev = (mine.blocks, mine.device_blocks) if mine else (0, 0)
+        local = expect[w]
+        on_host = actual[w].blocks - actual[w].device_blocks if w in actual else 0
         peer, fetch = None, 0
         if self.peer_fetch:
-            # generation 0 = a prediction from recent placements: not (yet) fetchable
-            others = [h for h in held.values() if h.worker_id != w and h.blocks > local and h.generation > 0]
+            # only what the index shows can be fetched; predictions are not computed yet
+            others = [h for h in actual.values() if h.worker_id != w and h.blocks > local]
             if others:
                 top = max(others, key=lambda h: (h.blocks, -x.inflight.get(h.worker_id, 0)))
                 extra = top.blocks - local
@@ -141,13 +147,13 @@ class CacheAware:
                     peer, fetch = (top.worker_id, top.blocks), extra
         cached_tokens = min((local + fetch) * x.block_size, x.prompt_tokens - 1)
         # Blocks another worker holds (or is computing) that this one would compute again: that
-        # time is also lost to the cluster, so it counts twice against spreading a burst.
-        elsewhere = max((h.blocks for h in held.values() if h.worker_id != w), default=0)
+        # time is lost to the cluster too, so it weighs against spreading a burst.
+        elsewhere = max((b for v, b in expect.items() if v != w), default=0)
         duplicated = max(0, elsewhere - local - fetch) * x.block_size
         cost = (
             (x.prompt_tokens - cached_tokens) * c.prefill_s_per_token
             + self.duplicate_weight * duplicated * c.prefill_s_per_token
-            + (local - local_dev) * c.promote_s_per_block
+            + on_host * c.promote_s_per_block
             + c.fetch_s(fetch)
             + x.inflight.get(w, 0) * x.service_s
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -20,8 +19,6 @@ from cluster.policies import Placement, PlacementInput, Policy, WorkerCosts
 from worker.request import Request
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
-PREDICT_TTL_S = 30.0  # how long a placement counts as "that worker will hold this prefix"
-PREDICT_CAPACITY = 200_000
 
 
 class Plan(NamedTuple):
@@ -72,9 +69,10 @@ class Router:
         self.counters = Counters()
         # Hashes some worker was seen holding: a later miss on one of them was an eviction.
         self._held_once: OrderedDict[bytes, None] = OrderedDict()
-        # Recent placements: hash -> {worker: expiry}. Until the index shows the blocks (the
-        # request is still running), a burst of requests sharing a prefix is steered by these.
-        self._assigned: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        # Blocks that requests in flight will have computed: hash -> {worker: requests}. Until the
+        # index shows them, a burst sharing a new prefix is steered by these; they end with the
+        # request (then the index, or an eviction, is the truth).
+        self._pending: dict[bytes, Counter[str]] = {}
         # First blocks of recent placements -> workers: how many distinct prefixes each worker serves.
         self._roots: OrderedDict[bytes, set[str]] = OrderedDict()
         self._prefixes: Counter[str] = Counter()
@@ -126,7 +124,7 @@ class Router:
             candidates = [w for w in self.workers if w in self.alive and w not in excluded]
             if not candidates:
                 raise NoWorker(f"no live worker to serve the request (workers: {self.workers})")
-            merged = None if holdings is None else self._with_predictions(holdings, chain, candidates)
+            predicted = self._predicted(chain, candidates) if holdings is not None else {}
             service_s = self.service_s if self.service_s is not None else self._default_service_s()
             self._turn += 1
             x = PlacementInput(
@@ -135,11 +133,12 @@ class Router:
                 chain,
                 candidates,
                 dict(self.inflight),
-                merged,
+                holdings,
                 dict(self.costs),
                 service_s,
                 dict(self._prefixes),
                 self._turn,
+                predicted,
             )
             placement = self.policy.place(x)
             self.inflight[placement.worker_id] += 1
@@ -150,33 +149,24 @@ class Router:
             self.counters.add("peer_hints")
         return Plan(ids, chain, placement, holdings)
 
-    def _with_predictions(self, holdings: list[Holding], chain, candidates) -> list[Holding]:
-        """(Lock held.) Index holdings, extended by what recent placements will have cached (generation 0 marks a
-        prediction: it steers placement but is never used as a peer-fetch source)."""
-        now = time.monotonic()
-        actual = {h.worker_id: h for h in holdings}
-        out = list(holdings)
+    def _predicted(self, chain, candidates) -> dict[str, int]:
+        """(Lock held.) Leading blocks of `chain` that requests in flight will leave on each worker."""
+        out = {}
         for w in candidates:
             n = 0
             for h in chain:
-                expiry = self._assigned.get(bytes(h), {}).get(w)
-                if expiry is None or expiry < now:
+                if not self._pending.get(bytes(h), {}).get(w):
                     break
                 n += 1
-            if n > (actual[w].blocks if w in actual else 0):
-                out = [h for h in out if h.worker_id != w] + [Holding(w, n, n, 0)]
+            if n:
+                out[w] = n
         return out
 
     def _remember(self, chain, worker: str, holdings: list[Holding] | None) -> None:
         """(Lock held.) Record a placement for predictions and the hashes seen held."""
-        expiry = time.monotonic() + PREDICT_TTL_S
         best = max((h.blocks for h in holdings or ()), default=0)
         for h in chain:
-            key = bytes(h)
-            self._assigned.setdefault(key, {})[worker] = expiry
-            self._assigned.move_to_end(key)
-        while len(self._assigned) > PREDICT_CAPACITY:
-            self._assigned.popitem(last=False)
+            self._pending.setdefault(bytes(h), Counter())[worker] += 1
         if chain:
             root = self._roots.setdefault(bytes(chain[0]), set())
             if worker not in root:
@@ -243,12 +233,21 @@ class Router:
 
     # ---- bookkeeping -------------------------------------------------------------
 
-    def finished(self, worker: str, service_s: float | None) -> None:
-        """The request left `worker`; `service_s` is how long it occupied it (None if it failed)."""
+    def finished(self, plan: Plan, service_s: float | None) -> None:
+        """The planned request left its worker; `service_s` is how long it occupied it (None if it failed)."""
+        worker = plan.placement.worker_id
         with self._lock:
             self.inflight[worker] -= 1
             if self.inflight[worker] <= 0:
                 del self.inflight[worker]
+            for h in plan.chain:
+                pending = self._pending.get(bytes(h))
+                if pending is not None:
+                    pending[worker] -= 1
+                    if pending[worker] <= 0:
+                        del pending[worker]
+                    if not pending:
+                        del self._pending[bytes(h)]
             if service_s is not None:
                 prev = self.service_s
                 self.service_s = service_s if prev is None else 0.9 * prev + 0.1 * service_s

@@ -176,7 +176,7 @@ class RouterService:
                 self.router.counters.add("worker_errors")
                 return Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()
             finally:
-                self.router.finished(w, latency)
+                self.router.finished(plan, latency)
 
     def _tenant_problem(self, req: Request, tenant: str | None) -> str | None:
         if tenant is not None:

@@ -130,3 +130,18 @@ def test_remove_only_unpinned_leaves():
     tree.remove(a[1])
     tree.remove(a[0])
     assert len(tree) == 0
+
+
+def test_segmented_lru_evicts_never_reused_blocks_first():
+    from cache_store.policy import SegmentedLRU
+
+    tree = PrefixTree(SegmentedLRU())
+    shared, _ = add_path(tree, [1, 1, 1, 1])
+    tree.touch(shared)  # reused once
+    one_shot, _ = add_path(tree, [2, 2, 2, 2])  # newer, but never reused
+    assert tree.victims(DEVICE, 1, spill=False)[0].hash == one_shot[0]
+    lru = PrefixTree(LRU())
+    s2, _ = add_path(lru, [1, 1, 1, 1])
+    lru.touch(s2)
+    o2, _ = add_path(lru, [2, 2, 2, 2])
+    assert lru.victims(DEVICE, 1, spill=False)[0].hash == s2[0]  # plain LRU would drop the shared one

@@ -6,8 +6,10 @@ CHAIN = [bytes([i]) * 16 for i in range(10)]
 FAST_LINK = WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3)
 
 
-def x(holdings, inflight=None, costs=None, prompt_tokens=170, service_s=0.5):
-    return PlacementInput(prompt_tokens, 16, CHAIN, W, inflight or {}, holdings, costs or {}, service_s)
+def x(holdings, inflight=None, costs=None, prompt_tokens=170, service_s=0.5, predicted=None):
+    return PlacementInput(
+        prompt_tokens, 16, CHAIN, W, inflight or {}, holdings, costs or {}, service_s, predicted=predicted or {}
+    )
 
 
 def test_cache_aware_prefers_the_holder():
@@ -34,10 +36,23 @@ def test_no_peer_fetch_when_transfer_is_not_calibrated():
 
 def test_predicted_holdings_steer_but_are_never_fetched_from():
     costs = {w: FAST_LINK for w in W}
-    p = CacheAware().place(x([Holding("b", 8, 8, 0)], costs=costs))
+    p = CacheAware().place(x([], costs=costs, predicted={"b": 8}))
+    assert p.worker_id == "b"  # queue behind the request computing it
+    busy = CacheAware().place(x([], inflight={"b": 5}, costs=costs, predicted={"b": 8}))
+    assert busy.peer is None  # nothing to fetch yet
+
+
+def test_a_prediction_does_not_hide_what_is_fetchable():
+    costs = {w: FAST_LINK for w in W}
+    p = CacheAware().place(x([Holding("b", 6, 6, 1)], inflight={"b": 4}, costs=costs, predicted={"b": 8}))
+    assert p.worker_id != "b" and p.peer == ("b", 6)
+
+
+def test_recomputing_what_another_worker_has_costs_extra():
+    costs = {w: FAST_LINK for w in W}
+    # the holder is a little busy; without the duplicate penalty a recompute elsewhere would win
+    p = CacheAware().place(x([], inflight={"b": 1}, costs=costs, predicted={"b": 10}, service_s=0.2))
     assert p.worker_id == "b"
-    busy = CacheAware().place(x([Holding("b", 8, 8, 0)], inflight={"b": 5}, costs=costs))
-    assert busy.peer is None
 
 
 def test_fallback_when_index_down_is_sticky_per_prefix():

@@ -108,3 +108,17 @@ def test_miss_reasons_are_token_weighted(index):
     plan = router.place(ids, chain)
     router.account(plan, cached_tokens=0)
     assert router.counters.get("miss_tokens_evicted") == 32  # held once, by nobody now
+
+
+def test_predictions_end_with_the_request(index):
+    router = make_router(index)
+    ids, chain = router.prepare(Request("Prediction lifetime. " * 60))
+    first = router.place(ids, chain)
+    second = router.place(ids, chain)
+    assert second.placement.worker_id == first.placement.worker_id  # steered by the prediction
+    router.finished(first, 0.1)
+    router.finished(second, 0.1)
+    # Both done and nothing was published (say, evicted at once): nobody is assumed to hold it, so
+    # the next request is placed as a cold one, where the fewest prefixes live.
+    third = router.place(ids, chain)
+    assert third.placement.reason == "load" and third.placement.local_blocks == 0
