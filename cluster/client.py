@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import ray
 
+from cluster.raylink import init_ray
 from cluster.service import ServiceSpec, add_workers, find_router, start_service, stop_service
 from worker.actor import NAMESPACE
 from worker.request import Request, Result
@@ -56,7 +57,7 @@ class Cluster:
                 cpus = num_cpus or max(os.cpu_count() or 2, int(workers * spec.cpus_per_worker) + 1)
                 ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
             else:
-                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+                init_ray(address, namespace=NAMESPACE, log_to_driver=False)
         try:
             started = start_service(spec)
         except BaseException:
@@ -70,7 +71,7 @@ class Cluster:
         """Attach to a running service (`ray://host:10001` through Ray client, or `auto` inside the cluster)."""
         owns_ray = not ray.is_initialized()
         if owns_ray:
-            ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+            init_ray(address, namespace=NAMESPACE, log_to_driver=False)
         try:
             router = find_router(service)
         except BaseException:

@@ -22,13 +22,14 @@ def _ray(address: str):
     """Connect to a running Ray cluster (or Ray client address) for the duration of a command."""
     import ray
 
+    from cluster.raylink import init_ray
     from worker.actor import NAMESPACE
 
     if ray.is_initialized():  # embedded use (tests, notebooks): reuse the connection
         yield ray
         return
     try:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
+        init_ray(address, namespace=NAMESPACE, log_to_driver=False, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(
             f"could not connect to a Ray cluster at {address!r}: {e}. Start one with `ray start --head`, "

@@ -22,8 +22,19 @@ BIN = Path(sys.executable).parent
 def run(env, *cmd, timeout=300, check=True):
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=env["WORKDIR"])
     if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}")
+        raise AssertionError(
+            f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}{client_server_logs(env)}"
+        )
     return p
+
+
+def client_server_logs(env) -> str:
+    """The head's Ray client server logs: where a failed `ray://` connection says why."""
+    logs = Path(env["WORKDIR"], "ray", "session_latest", "logs")
+    tails = [
+        f"\n--- {f.name}:\n{f.read_text(errors='replace')[-3000:]}" for f in sorted(logs.glob("ray_client_server*"))
+    ]
+    return "".join(tails)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +93,7 @@ def test_cluster_commands_end_to_end(local_cluster, tmp_path):
         "--no-progress",
         check=False,
     )
-    assert p.returncode == 1, p.stderr  # one bad line
+    assert p.returncode == 1, p.stderr + client_server_logs(env)  # one bad line
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in records] == list(range(1, 10))
     assert "line 5: invalid JSON" in records[4]["error"]
