@@ -24,7 +24,7 @@ class CacheConfig:
     block_size: int = 16
     device_bytes: int = GIB // 2
     host_bytes: int = GIB
-    eviction: str = "slru"  # never-reused blocks first, then LRU (see cache_store.policy)
+    eviction: str = "lru"  # see cache_store.policy for the others and why LRU is the default
     service: str = "default"  # Redis key namespace: one per deployment
     lease_ttl_s: float = 10.0  # a worker silent this long stops being routed to
     heartbeat_s: float = 2.0

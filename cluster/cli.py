@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="cache_aware", choices=["cache_aware", "round_robin", "least_loaded"])
     p.add_argument(
         "--eviction",
-        default="slru",
-        choices=["slru", "lru", "lfu", "priority"],
-        help="slru (default): blocks never reused go first, then least recently used",
+        default="lru",
+        choices=["lru", "slru", "lfu", "priority"],
+        help="lru (default); slru: blocks never reused go first (protects shared prefixes, can starve chat turns)",
     )
     p.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"

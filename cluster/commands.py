@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -155,7 +156,22 @@ def status(args) -> int:
             ]
         )
     print(table(rows, ["worker", "alive", "queue", "requests", "hit rate", "device"]))
+    costs = [_crossover_line(w, info["costs"]) for w, info in s["workers"].items() if "costs" in info]
+    if costs:
+        print("\npeer fetch vs recompute (measured on each worker at start-up):")
+        print("\n".join(costs))
     return EXIT_OK
+
+
+def _crossover_line(worker: str, c: dict) -> str:
+    """One worker's measured costs, and from how many blocks pulling KV from a peer beats recomputing it."""
+    prefill = f"prefill {c['prefill_ms_per_token']:.3f} ms/token"
+    if c["transfer_ms_per_block"] == float("inf"):
+        return f"  {worker}: {prefill}; transfer not measured (one worker): always recompute"
+    transfer = f"transfer {c['transfer_ms_per_block']:.2f} ms/block + {c['transfer_overhead_ms']:.1f} ms per fetch"
+    n = c["crossover_blocks"]
+    verdict = "never pays" if n == float("inf") else f"fetching pays from {max(1, math.ceil(n))} block(s)"
+    return f"  {worker}: {prefill}, {transfer}: {verdict}"
 
 
 def submit(args) -> int:

@@ -37,7 +37,7 @@ class ServiceSpec:
     device_cache_gb: float = 0.5
     host_cache_gb: float = 1.0
     block_size: int = 16
-    eviction: str = "slru"  # never-reused blocks first, then LRU (see cache_store.policy)
+    eviction: str = "lru"  # see cache_store.policy for the others and why LRU is the default
     policy: str = "cache_aware"
     dtype: str | None = None
     cpus_per_worker: float = 1.0

@@ -133,7 +133,7 @@ class Engine:
         block_size: int = 16,
         device_cache_gb: float = 0.5,
         host_cache_gb: float = 1.0,
-        eviction: str = "slru",
+        eviction: str = "lru",
         redis_url: str | None = None,
         service: str = "default",
         worker_id: str | None = None,

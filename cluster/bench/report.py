@@ -163,7 +163,7 @@ def plots(res, out: Path) -> None:
     xs = [s["prefix_tokens"] for s in sw]
     ax.plot(xs, [s["plain_ttft_s"] / s["cached_ttft_s"] for s in sw], "o-", label="prefixcache (warm) vs plain")
     ax.plot(xs, [s["plain_ttft_s"] / s["limit_s"] for s in sw], "s--", label="suffix-only limit vs plain")
-    ax.set_xlabel("cached prefix (tokens), 32-token suffix")
+    ax.set_xlabel("cached prefix (tokens), 64-token suffix")
     ax.set_ylabel("TTFT speedup (x)")
     ax.set_title("Speedup vs prefix length")
     ax.legend()
@@ -256,7 +256,7 @@ def write(res: dict, out: Path) -> None:
         "",
         table(mode_rows(res, "cold"), HEADER),
         "",
-        "## Prefix length sweep (in-process Engine, 32-token suffix, first token)",
+        "## Prefix length sweep (in-process Engine, 64-token suffix, first token)",
         "",
         table(
             sweep_rows,

@@ -140,6 +140,7 @@ def test_cluster_commands_end_to_end(local_cluster, tmp_path):
 
     status = run(env, "prefixcache", "status", "--address", env["PREFIXCACHE_CLIENT"])
     assert "hit rate" in status.stdout and "worker-1" in status.stdout
+    assert status.stdout.count("ms/token") == 2 and "fetching pays from" in status.stdout, status.stdout
 
     run(env, "prefixcache", "stop", "--address", env["RAY_ADDRESS"])
     gone = run(env, "prefixcache", "status", "--address", env["RAY_ADDRESS"], check=False)

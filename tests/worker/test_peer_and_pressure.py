@@ -1,9 +1,11 @@
-"""Peer fetch that fails (timeout, wrong tokens, wrong shape) and caches far smaller than the workload:
+"""Peer fetch that fails (timeout, dead peer, wrong tokens, wrong shape) and caches far smaller than the workload:
 outputs stay identical to a cold run and nothing failed counts as a hit."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 
 import pytest
 import ray
@@ -75,25 +77,33 @@ def test_a_bad_peer_means_recompute(loaded, fault):
     b.store.check_invariants()
 
 
-def test_peer_timeout_through_ray_recomputes(ray_local, valkey):
-    cache = {"block_size": 16, "device_bytes": 8 << 20, "host_bytes": 0, "service": "peer-timeout"}
-    holder = WorkerActor.options(name=worker_actor_name("peer-timeout", "p0"), namespace=NAMESPACE, num_cpus=1).remote(
+@pytest.mark.parametrize("fault", ["peer too slow", "peer died"])
+def test_a_failed_fetch_through_ray_recomputes(ray_local, valkey, fault):
+    """The real path: two worker actors, the fetch goes through Ray. A peer that answers too late, or
+    whose process is gone (SIGKILL, no restart), costs a recompute: same tokens, nothing counted as hit."""
+    service = "peer-" + fault.replace(" ", "-")
+    cache = {"block_size": 16, "device_bytes": 8 << 20, "host_bytes": 0, "service": service}
+    holder = WorkerActor.options(name=worker_actor_name(service, "p0"), namespace=NAMESPACE, num_cpus=1).remote(
         "p0", "demo", cache, redis_url=valkey.url
     )
-    impatient = WorkerActor.options(
-        name=worker_actor_name("peer-timeout", "p1"), namespace=NAMESPACE, num_cpus=1
-    ).remote("p1", "demo", cache, redis_url=valkey.url, peer_timeout_s=1e-4)
+    timeout_s = 1e-4 if fault == "peer too slow" else 30.0
+    fetcher = WorkerActor.options(name=worker_actor_name(service, "p1"), namespace=NAMESPACE, num_cpus=1).remote(
+        "p1", "demo", cache, redis_url=valkey.url, peer_timeout_s=timeout_s
+    )
     try:
-        ray.get(impatient.calibrate.remote("p0"))
+        ray.get(fetcher.calibrate.remote("p0"))
         cold = ray.get(holder.generate.remote(Request(PROMPT, max_new_tokens=6).to_dict()))
-        r = ray.get(
-            impatient.generate.remote(Request(PROMPT, max_new_tokens=6).to_dict(), None, ("p0", len(PROMPT) // 16))
-        )
-        assert r["token_ids"] == cold["token_ids"] and r["cached_tokens"] == 0
-        assert ray.get(impatient.stats.remote())["counters"]["peer_fetch_failures"] == 1
+        if fault == "peer died":
+            os.kill(ray.get(holder.health.remote())["pid"], signal.SIGKILL)
+        hint = ("p0", len(PROMPT) // 16)
+        r = ray.get(fetcher.generate.remote(Request(PROMPT, max_new_tokens=6).to_dict(), None, hint))
+        assert r["error"] is None and r["token_ids"] == cold["token_ids"]
+        assert r["cached_tokens"] == 0 and r["cached_peer_tokens"] == 0
+        counters = ray.get(fetcher.stats.remote())["counters"]
+        assert counters["peer_fetch_failures"] == 1 and counters.get("peer_fetches", 0) == 0
     finally:
-        for h in (holder, impatient):
-            ray.get(h.shutdown.remote())
+        ray.get(fetcher.shutdown.remote())
+        for h in (holder, fetcher):
             ray.kill(h)
 
 
