@@ -117,9 +117,9 @@ def run_demo(
                 f"\nWarm requests reached their first token {s['ttft_cold_p50'] / s['ttft_warm_p50']:.1f}x sooner "
                 "than cold ones."
             )
-        if dashboard:
+        if dashboard and wait:  # a dashboard only for as long as someone can look at it
             server = _start_dashboard(cluster.redis_url, cluster.service, port, say)
-        if wait and server is not None:
+        if server is not None:
             say("\nThe service and dashboard keep running; press Ctrl-C to stop both.")
             try:
                 while True:
