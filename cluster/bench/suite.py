@@ -102,18 +102,12 @@ def machine() -> dict:
     }
 
 
-# ---- in-process ------------------------------------------------------------------------------
+def shared_workload(size: Sizes, cache_salt: str | None = None):
+    """The shared-system-prompt workload. One definition: every mode, in-process or service, must see
+    the same prompts (seed 1); only the salt differs, so service modes never hit each other's blocks."""
+    from cluster.workload import shared_prompts
 
-
-def inprocess(size: Sizes, log) -> dict:
-    from cluster.bench.inproc import Plain, Recipe, engine_sample, suffix_limit
-    from cluster.workload import cold, shared_prompts
-    from worker.engine import Engine
-
-    engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=2.0, host_cache_gb=0)
-    model, tok = engine.model, engine.tokenizer
-    plain, recipe = Plain(model), Recipe(model)
-    wl = shared_prompts(
+    return shared_prompts(
         size.questions,
         size.systems,
         min_chars=size.min_chars,
@@ -121,7 +115,22 @@ def inprocess(size: Sizes, log) -> dict:
         question_chars=size.question_chars,
         max_new_tokens=size.new_tokens,
         seed=1,
+        cache_salt=cache_salt,
     )
+
+
+# ---- in-process ------------------------------------------------------------------------------
+
+
+def inprocess(size: Sizes, log) -> dict:
+    from cluster.bench.inproc import Plain, Recipe, engine_sample, suffix_limit
+    from cluster.workload import cold
+    from worker.engine import Engine
+
+    engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=2.0, host_cache_gb=0)
+    model, tok = engine.model, engine.tokenizer
+    plain, recipe = Plain(model), Recipe(model)
+    wl = shared_workload(size)
     out: dict = {}
 
     log("in-process: (a) plain transformers and (b) the prompt-cache recipe on shared system prompts ...")
@@ -173,19 +182,10 @@ def inprocess(size: Sizes, log) -> dict:
 def service_modes(size: Sizes, log) -> dict:
     from cluster.bench.modes import run_chats, run_through, tier_bytes
     from cluster.client import Cluster
-    from cluster.workload import cold, shared_prompts
+    from cluster.workload import cold
 
     def shared(salt: str):
-        return shared_prompts(
-            size.questions,
-            size.systems,
-            min_chars=size.min_chars,
-            max_chars=size.max_chars,
-            question_chars=size.question_chars,
-            max_new_tokens=size.new_tokens,
-            seed=1,
-            cache_salt=salt,
-        )
+        return shared_workload(size, salt)
 
     working_set = sum(len(p) // 16 for p in shared("x").prefixes)  # blocks of system prompt (byte tokenizer)
     # Every mode gets the same total cache: 1.5x the system prompts. Split over 2 workers that is 0.75x
