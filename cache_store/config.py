@@ -25,6 +25,7 @@ class CacheConfig:
     device_bytes: int = GIB // 2
     host_bytes: int = GIB
     eviction: str = "lru"  # see cache_store.policy for the others and why LRU is the default
+    duplicates_first: bool = True  # evict blocks another worker also holds first (policy.DuplicatesFirst)
     service: str = "default"  # Redis key namespace: one per deployment
     lease_ttl_s: float = 10.0  # a worker silent this long stops being routed to
     heartbeat_s: float = 2.0

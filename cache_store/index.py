@@ -241,6 +241,24 @@ class MetadataIndex:
         ]
         return sorted(out, key=lambda h: (-h.blocks, -h.device_blocks, h.worker_id))
 
+    def holder_counts(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, int]:
+        """How many workers have an entry for each block, in ONE pipelined round trip (HLEN each).
+
+        For duplicates-first eviction, which needs "is this a copy", not who is alive: an entry of a
+        worker whose lease just lapsed still counts until it is reaped, which can only make a block
+        look like a copy for that long.
+        """
+        if not hashes:
+            return {}
+
+        def run() -> list:
+            pipe = self._r.pipeline(transaction=False)
+            for h in hashes:
+                pipe.hlen(self._block_key(h))
+            return pipe.execute()
+
+        return {h: int(n) for h, n in zip(hashes, self._call(run))}
+
     def publish(self, worker_id: str, generation: int, events: Sequence[tuple[Op, BlockHash, str]]) -> None:
         """Apply a batch of (op, hash, tier) changes of one worker in one pipelined write."""
         if not events:

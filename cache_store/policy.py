@@ -15,6 +15,7 @@ class NodeStats(Protocol):
     last_access: int
     hits: int
     priority: int
+    copies: int  # workers holding the block cluster-wide (1 when unknown)
 
 
 class EvictionPolicy(Protocol):
@@ -66,11 +67,29 @@ class Priority:
         return (node.priority, node.last_access)
 
 
+class DuplicatesFirst:
+    """Blocks that another worker also holds go first, then `base` order among equals.
+
+    Losing a duplicate costs the cluster nothing it cannot fetch back (a peer still has it); losing
+    a sole copy costs a recompute. So when room must be made, copies go before sole blocks. `copies`
+    is a local view refreshed in batch from the index (`TieredStore.refresh_copies`), never read
+    per eviction; with no refresh every block counts 1 and this is exactly `base`.
+    """
+
+    def __init__(self, base: EvictionPolicy):
+        self.base = base
+        self.name = f"{base.name}+duplicates_first"
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (int(node.copies <= 1), *self.base.key(node))
+
+
 POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, SegmentedLRU, LFU, Priority)}
 
 
-def make_policy(name: str) -> EvictionPolicy:
+def make_policy(name: str, *, duplicates_first: bool = False) -> EvictionPolicy:
     try:
-        return POLICIES[name]()
+        policy = POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None
+    return DuplicatesFirst(policy) if duplicates_first else policy

@@ -20,7 +20,7 @@ Not thread-safe; `TieredStore` serializes access under its lock.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from cache_store.hashing import BlockHash
@@ -59,6 +59,7 @@ class _Node:
         "priority",
         "device_children",
         "depth",
+        "copies",
     )
 
     def __init__(self, hash_, parent, tokens, tier, slot, clock):
@@ -74,6 +75,7 @@ class _Node:
         self.priority = 0
         self.device_children = 0
         self.depth = 0 if parent is None else parent.depth + 1
+        self.copies = 1  # workers holding this block cluster-wide, as last read from the index (1: unknown)
 
     def ref(self) -> BlockRef:
         return BlockRef(self.hash, self.tier, self.slot)
@@ -178,6 +180,17 @@ class PrefixTree:
     def set_priority(self, hashes: Iterable[BlockHash], priority: int) -> None:
         for h in hashes:
             self._nodes[h].priority = priority
+
+    def set_copies(self, counts: Mapping[BlockHash, int]) -> None:
+        """Record how many workers hold each block (a batched read of the index; absent hashes are skipped)."""
+        for h, n in counts.items():
+            node = self._nodes.get(h)
+            if node is not None:
+                node.copies = max(1, n)
+
+    def candidates(self) -> list[BlockHash]:
+        """Blocks that could be chosen by the next eviction (unpinned leaves of either kind)."""
+        return list(self._spill.union(self._drop[DEVICE], self._drop[HOST]))
 
     def pin(self, hashes: Iterable[BlockHash]) -> None:
         for h in hashes:

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-blocks", type=int, required=True, help="cache blocks (of 512 tokens) per worker")
     p.add_argument("--policy", default="all", help="a routing policy name, or 'all' (default)")
     p.add_argument("--eviction", default="lru", help="eviction policy of every worker's cache (default lru)")
+    p.add_argument(
+        "--no-duplicates-first", action="store_true", help="plain eviction order (ignore copies other workers hold)"
+    )
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="one JSON object keyed by policy name")
     for flag, text in (

@@ -40,6 +40,7 @@ def run(args) -> int:
         policies=policies(args.policy),
         time=time_model(args),
         eviction=args.eviction,
+        duplicates_first=not args.no_duplicates_first,
     )
     if args.json:
         print(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))

@@ -24,6 +24,7 @@ from cluster.simulate.trace import TRACE_BLOCK_TOKENS, TRACE_NAMESPACE, TraceReq
 from cluster.simulate.worker import SimWorker
 
 FINISH, PREFILL, START, ARRIVE = range(4)  # tie order at equal times
+REFRESH_S = 2.0  # how stale a worker's view of holder counts may be (its heartbeat period)
 
 
 class Prepared:
@@ -63,11 +64,21 @@ def report_finished(router: Router, plan: Plan, busy_s: float) -> None:
 
 
 class Simulation:
-    def __init__(self, workers: int, capacity_blocks: int, policy: str, time: TimeModel, eviction: str = "lru"):
+    def __init__(
+        self,
+        workers: int,
+        capacity_blocks: int,
+        policy: str,
+        time: TimeModel,
+        eviction: str = "lru",
+        duplicates_first: bool = True,
+    ):
         self.index = SimIndex()
         self.time = time
         ids = [f"w{i:03d}" for i in range(workers)]
-        self.workers = {w: SimWorker(w, capacity_blocks, eviction, self.index) for w in ids}
+        self.workers = {
+            w: SimWorker(w, capacity_blocks, eviction, self.index, duplicates_first=duplicates_first) for w in ids
+        }
         self.router = make_router(policy, ids, self.index, time)
         self.queues: dict[str, deque] = {w: deque() for w in ids}
         self.busy_until: dict[str, float | None] = dict.fromkeys(ids)
@@ -104,6 +115,7 @@ class Simulation:
             self.busy_until[w] = None
 
     def _start(self, t: float, w: str, p: Prepared, plan: Plan, arrived: float) -> None:
+        self.workers[w].refresh_copies(t, REFRESH_S)
         peer, peer_blocks = None, 0
         if plan.placement.peer is not None:
             holder, n = plan.placement.peer
@@ -137,7 +149,8 @@ def simulate_policy(
     policy: str,
     time: TimeModel,
     eviction: str = "lru",
+    duplicates_first: bool = True,
 ) -> PolicyResult:
-    sim = Simulation(workers, capacity_blocks, policy, time, eviction)
+    sim = Simulation(workers, capacity_blocks, policy, time, eviction, duplicates_first)
     sim.run(requests)
     return summarize(policy, sim)

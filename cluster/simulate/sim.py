@@ -23,6 +23,7 @@ def simulate(
     policies: Sequence[str] = POLICY_NAMES,
     time: TimeModel | None = None,
     eviction: str = "lru",
+    duplicates_first: bool = True,
 ) -> dict[str, PolicyResult]:
     """Results keyed by policy name, `one_shared_cache` included; `vs_shared` filled in."""
     unknown = [p for p in policies if p not in POLICIES]
@@ -35,6 +36,6 @@ def simulate(
     bound = simulate_policy(requests, 1, workers * capacity_blocks, "round_robin", INSTANT, eviction)
     results = {BOUND: replace(bound, policy=BOUND, ttft_p50_s=0.0, ttft_p99_s=0.0, load_imbalance=1.0)}
     for name in policies:
-        results[name] = simulate_policy(requests, workers, capacity_blocks, name, time, eviction)
+        results[name] = simulate_policy(requests, workers, capacity_blocks, name, time, eviction, duplicates_first)
     shared = results[BOUND].hit_rate
     return {k: replace(r, vs_shared=r.hit_rate / shared if shared else None) for k, r in results.items()}

@@ -26,11 +26,17 @@ class Start(NamedTuple):
 
 
 class SimWorker:
-    def __init__(self, worker_id: str, capacity_blocks: int, eviction: str, index) -> None:
+    def __init__(
+        self, worker_id: str, capacity_blocks: int, eviction: str, index, *, duplicates_first: bool = True
+    ) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks must be >= 1, got {capacity_blocks}")
         config = CacheConfig(
-            block_size=1, device_bytes=capacity_blocks * SHAPE.block_bytes, host_bytes=0, eviction=eviction
+            block_size=1,
+            device_bytes=capacity_blocks * SHAPE.block_bytes,
+            host_bytes=0,
+            eviction=eviction,
+            duplicates_first=duplicates_first,
         )
         self.worker_id = worker_id
         self.store = TieredStore(config, SHAPE, "cpu")
@@ -38,6 +44,13 @@ class SimWorker:
         self.store.set_generation(1)
         self.store.resync()
         self._zeros = torch.zeros((0, *SHAPE.block_dims), dtype=SHAPE.dtype)
+        self._refreshed_at = float("-inf")
+
+    def refresh_copies(self, now: float, every_s: float) -> None:
+        """The worker's periodic batched read of holder counts (as with its heartbeat), at most every `every_s`."""
+        if now - self._refreshed_at >= every_s:
+            self.store.refresh_copies()
+            self._refreshed_at = now
 
     def _kv(self, n: int) -> torch.Tensor:
         if self._zeros.shape[0] < n:

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.cli import main
 from cluster.simulate import BOUND, TimeModel, TraceError, TraceRequest, load_trace, simulate
-from cluster.simulate.trace import chain_of
+from cluster.simulate.trace import block_tokens, chain_of
 
 B = 512  # tokens per trace block
 SLOW = TimeModel(prefill_s_per_token=1e-3)  # a 3-block prompt keeps a worker busy ~1.5 s
@@ -111,3 +111,25 @@ def test_cli_json_is_keyed_by_policy(tmp_path, capsys):
     assert out[BOUND]["hit_rate"] == pytest.approx(2 * B / (5 * B))
     rc = main(["simulate", "--trace", str(path), "--workers", "2", "--capacity-blocks", "4", "--policy", "nope"])
     assert rc == 2 and "choose one of" in capsys.readouterr().err
+
+
+def test_simulated_workers_evict_copies_first_after_a_refresh():
+    from cluster.simulate.index import SimIndex
+    from cluster.simulate.worker import SimWorker
+
+    def serve(w, r):
+        chain, toks = chain_of(r), block_tokens(r)
+        w.finish_prefill(w.start(chain, toks, None, 0), chain, toks)
+
+    index = SimIndex()
+    a, b = (SimWorker(n, 3, "lru", index) for n in ("a", "b"))
+    only_a, shared = req(0, [1]), req(0, [2])
+    serve(a, only_a)  # older, a's alone
+    serve(a, shared)
+    serve(b, shared)
+    assert index.stored - index.distinct == 1
+    a.refresh_copies(now=0.0, every_s=2.0)
+    serve(a, req(0, [3]))
+    serve(a, req(0, [4]))  # one block must go: the copy, though the sole one is older
+    assert index.holder_counts(chain_of(shared)) == {chain_of(shared)[0]: 1}
+    assert index.holder_counts(chain_of(only_a)) == {chain_of(only_a)[0]: 1}
