@@ -6,10 +6,11 @@ import re
 from dataclasses import dataclass
 
 from cache_store.errors import ConfigError
+from cache_store.policy import POLICIES
 
 GIB = 1 << 30
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-EVICTION_POLICIES = ("lru", "slru", "lfu", "priority")
+EVICTION_POLICIES = tuple(POLICIES)
 
 
 @dataclass(frozen=True)

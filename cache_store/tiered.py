@@ -94,6 +94,10 @@ class TieredStore:
             )
         self.host_pool = KVPool.from_budget(shape, config.host_bytes, "cpu", pin_memory=self.device.type == "cuda")
         self.tree = PrefixTree(make_policy(config.eviction, duplicates_first=config.duplicates_first))
+        fraction = getattr(getattr(self.tree.policy, "base", self.tree.policy), "protected_fraction", None)
+        if fraction is not None:  # a bounded protected segment: a share of each tier
+            self.tree.set_protected_limit(DEVICE, int(fraction * self.device_pool.capacity))
+            self.tree.set_protected_limit(HOST, int(fraction * self.host_pool.capacity))
         self.counters = Counters()
         self._lock = threading.RLock()
         self._user_pins: dict[BlockHash, list[Hold]] = {}

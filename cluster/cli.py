@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eviction",
         default="lru",
-        choices=["lru", "slru", "lfu", "priority"],
-        help="lru (default); slru: blocks never reused go first (protects shared prefixes, can starve chat turns)",
+        help="lru (default), bounded_slru, slru, lfu, priority (cache_store.policy); bounded_slru protects reused "
+        "blocks up to half the tier; slru protects them all (can starve chat turns)",
     )
     p.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
