@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-duplicates-first", action="store_true", help="plain eviction order (ignore copies other workers hold)"
     )
+    p.add_argument(
+        "--routers", type=int, default=1, help="stateless router replicas sharing the index (arrivals dealt in turn)"
+    )
+    p.add_argument(
+        "--router-affinity",
+        default="prefix",
+        help="how requests are dealt to router replicas: prefix (hash of the first block) or round_robin",
+    )
     p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
     p.add_argument("--json", action="store_true", help="one JSON object keyed by policy name")
     for flag, text in (

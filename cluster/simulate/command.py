@@ -41,6 +41,8 @@ def run(args) -> int:
         time=time_model(args),
         eviction=args.eviction,
         duplicates_first=not args.no_duplicates_first,
+        routers=args.routers,
+        affinity=args.router_affinity,
     )
     if args.json:
         print(json.dumps({k: r.to_dict() for k, r in results.items()}, indent=2))

@@ -48,7 +48,10 @@ def summarize(policy: str, sim) -> PolicyResult:
     busy = list(sim.busy_s.values())
     mean_busy = sum(busy) / len(busy)
     ttfts = [o.ttft_s for o in out]
-    counters = sim.router.counters.snapshot()
+    counters: dict[str, int] = {}
+    for router in sim.routers:
+        for k, v in router.counters.snapshot().items():
+            counters[k] = counters.get(k, 0) + v
     dup = sim.duplicate_samples
     return PolicyResult(
         policy=policy,

@@ -133,3 +133,23 @@ def test_simulated_workers_evict_copies_first_after_a_refresh():
     serve(a, req(0, [4]))  # one block must go: the copy, though the sole one is older
     assert index.holder_counts(chain_of(shared)) == {chain_of(shared)[0]: 1}
     assert index.holder_counts(chain_of(only_a)) == {chain_of(only_a)[0]: 1}
+
+
+def test_router_replicas_share_the_index_but_not_their_load_view():
+    # 2 replicas alternate: each sees the other's placements only through the index, so hits survive
+    trace = [req(0, [1, 2, 3]), req(100, [1, 2, 4]), req(200, [1, 2, 3])]
+    one = simulate(trace, workers=2, capacity_blocks=10, policies=["cache_aware"], time=SLOW)
+    two = simulate(
+        trace, workers=2, capacity_blocks=10, policies=["cache_aware"], time=SLOW, routers=2, affinity="round_robin"
+    )
+    assert two["cache_aware"].hit_rate == one["cache_aware"].hit_rate == one[BOUND].hit_rate
+    with pytest.raises(ValueError):
+        simulate(trace, workers=2, capacity_blocks=10, routers=0)
+
+
+def test_prefix_affinity_sends_one_prefix_to_one_replica():
+    from cluster.simulate.run import replica_for
+
+    a, b = chain_of(req(0, [1, 2, 3])), chain_of(req(0, [1, 5]))
+    assert {replica_for(a, i, 8, "prefix") for i in range(20)} == {replica_for(b, 0, 8, "prefix")}
+    assert {replica_for(a, i, 8, "round_robin") for i in range(8)} == set(range(8))
