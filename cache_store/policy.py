@@ -57,12 +57,14 @@ class BoundedSLRU:
 
     Why bounded: the unbounded `slru` protects every block ever reused, so a cache full of old
     reused blocks evicts every new block first, including a live chat's last turn (chat hit rate
-    26% vs LRU's 64%). With a cap, one-shot questions still cannot push out hot system prompts
-    (they churn through probation), and the newest turns always have room.
+    26% vs LRU's 64% in one run, docs/bench-slru-2026-11-23.md). With a cap, one-shot questions
+    still cannot push out hot system prompts (they churn through probation), and the newest turns
+    always have room. 80% measured better than 50% (`python -m cluster.bench.eviction`: shared
+    system prompts 83.2% vs 81.6% at 2 workers, chats 63.7% either way; BENCHMARKS.md).
     """
 
     name = "bounded_slru"
-    protected_fraction = 0.5
+    protected_fraction = 0.8
 
     def key(self, node: NodeStats) -> tuple[int, ...]:
         return (int(node.protected), node.last_access)

@@ -40,14 +40,14 @@ def one_run(size, eviction: str, workers: int, total_gb: float) -> dict:
     return {"shared_hit_rate": hit_rate(shared), "chat_hit_rate": hit_rate(chat), "shared_wall_s": wall}
 
 
-def eviction_modes(size, log=print) -> dict:
+def eviction_modes(size, log=print, evictions=None, workers=None) -> dict:
     from cluster.bench.suite import BLOCK_BYTES, GB, shared_workload
 
     working_set = sum(len(p) // 16 for p in shared_workload(size, "x").prefixes)
     total_gb = 1.5 * working_set * BLOCK_BYTES / GB  # as service_modes: 1.5x the system prompts
     out: dict = {"total_cache_gb": total_gb, "runs": {}}
-    for ev in EVICTIONS:
-        for n in (1, 2):
+    for ev in evictions or EVICTIONS:
+        for n in workers or (1, 2):
             log(f"eviction {ev}: {n} worker(s) ...")
             out["runs"][f"{ev}/{n}"] = one_run(size, ev, n, total_gb)
     return out
@@ -78,16 +78,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench-results-eviction.json")
+    p.add_argument("--only", action="append", choices=EVICTIONS, help="run these evictions only (repeatable)")
+    p.add_argument("--workers", type=int, action="append", choices=(1, 2), help="only these worker counts")
     args = p.parse_args()
     t0 = time.time()
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, namespace=NAMESPACE)
     try:
-        res = eviction_modes(QUICK if args.quick else FULL)
+        res = eviction_modes(QUICK if args.quick else FULL, evictions=args.only, workers=args.workers)
     finally:
         ray.shutdown()
     res["elapsed_s"] = time.time() - t0
     Path(args.out).write_text(json.dumps(res, indent=1))
-    print(table(res))
+    print(table(res) if len(res["runs"]) == 2 * len(EVICTIONS) else json.dumps(res["runs"], indent=1))
     print(f"done in {res['elapsed_s'] / 60:.1f} min: {args.out}")
 
 

@@ -42,7 +42,7 @@ def test_a_full_cache_of_reused_blocks_still_keeps_the_newest_turn():
 
 def test_one_shot_blocks_churn_through_probation_and_spare_the_protected():
     store = make_store(6, 0, eviction="bounded_slru", duplicates_first=False)
-    assert store.tree._protected_limit[DEVICE] == 3
+    assert store.tree._protected_limit[DEVICE] == 4  # 80% of 6
     system = [7] * 8  # two blocks, reused
     serve(store, system)
     serve(store, system)
