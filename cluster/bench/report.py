@@ -280,4 +280,14 @@ def write(res: dict, out: Path) -> None:
         "![workers](" + PLOTS + "/hit_rate_vs_workers.png)",
         "",
     ]
-    (out / "BENCHMARKS.md").write_text("\n".join(lines))
+    (out / "BENCHMARKS.md").write_text("\n".join(lines) + kept_sections(out / "BENCHMARKS.md"))
+
+
+KEEP = "<!-- Sections below this line come from other benchmark commands; `prefixcache bench` keeps them. -->"
+
+
+def kept_sections(path: Path) -> str:
+    """What follows the KEEP marker in the existing report (cluster-scale results made by the simulator,
+    index and router benchmarks), so a suite run does not erase them."""
+    text = path.read_text() if path.exists() else ""
+    return "\n" + KEEP + text.split(KEEP, 1)[1] if KEEP in text else ""
