@@ -126,7 +126,7 @@ def probe_layout(model: PreTrainedModel) -> KVLayout:
     cache = DynamicCache(config=model.config)
     ids = torch.zeros((1, 2), dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, cache=cache, use_cache=True)
     shapes = set()
     for i, layer in enumerate(cache.layers):
         if type(layer) is not DynamicLayer:

@@ -88,14 +88,17 @@ def test_counters_add_up(tmp_path):
 
 
 def test_pin_prefix_survives_pressure():
+    # 8 device blocks: the running request's KV lives in the same pool, so 3 pinned blocks leave 5
     engine = Engine.from_pretrained(
-        "demo", device="cpu", cache_config=CacheConfig(device_bytes=4 * 131072, host_bytes=0)
+        "demo", device="cpu", cache_config=CacheConfig(device_bytes=8 * 131072, host_bytes=0)
     )
     system = "You are a careful assistant!" * 2  # 56 bytes = 3 full blocks
     engine.generate([system], max_new_tokens=0)
     assert engine.pin_prefix(system) == 48
     for i in range(6):
-        engine.generate([f"Unrelated prompt number {i} " * 3], max_new_tokens=1)
+        [r] = engine.generate([f"Unrelated prompt number {i} " * 2], max_new_tokens=1)  # 4 blocks each
+        assert r.ok, r.error
+    assert engine.store.stats().counters["dropped_blocks_device"] > 0
     [r] = engine.generate([system + " question"], max_new_tokens=1)
     assert r.cached_tokens == 48
     assert engine.unpin_prefix(system)
