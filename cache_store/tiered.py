@@ -416,7 +416,19 @@ class TieredStore:
         self.counters.add("promoted_blocks", len(host_refs))
 
     def _make_device_room(self, k: int) -> int:
-        """Free device slots (spill, else drop) until k are free or nothing unpinned is left."""
+        """Free device slots (spill, else drop) until k are free or nothing unpinned is left.
+
+        Repeats because one pass can stall: once the host tier is full, a device block whose
+        children were just spilled is neither a spill victim with host room nor a droppable leaf;
+        the next pass drops host leaves to make that room."""
+        while self.device_pool.free_count < k:
+            before = self.device_pool.free_count
+            self._evict_device_once(k)
+            if self.device_pool.free_count == before:
+                break
+        return min(k, self.device_pool.free_count)
+
+    def _evict_device_once(self, k: int) -> None:
         need = k - self.device_pool.free_count
         if need > 0:
             victims = self.tree.victims(DEVICE, need, spill=True)
@@ -433,7 +445,6 @@ class TieredStore:
         need = k - self.device_pool.free_count
         if need > 0:
             self._drop(DEVICE, self.tree.victims(DEVICE, need, spill=False))
-        return min(k, self.device_pool.free_count)
 
     def _make_host_room(self, k: int) -> int:
         need = k - self.host_pool.free_count
