@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of cache hits re-computed without the cache and compared (e.g. 0.01)",
     )
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        help="requests each worker batches into one forward (default: 32 on CPU, 256 on GPU; 1 = one at a time)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="tokens per forward, decodes plus prefill chunks (default: 256 on CPU, 2048 on GPU)",
+    )
 
     p = sub.add_parser("add-workers", help="scale out: start N more workers with the service's settings")
     p.add_argument("n", type=int)

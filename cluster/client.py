@@ -21,6 +21,7 @@ from cluster.raylink import init_ray
 from cluster.service import ServiceSpec, add_workers, find_router, start_service, stop_service
 from worker.actor import NAMESPACE
 from worker.request import Request, Result
+from worker.sequence import Chunk
 
 
 class Cluster:
@@ -101,6 +102,36 @@ class Cluster:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
         return self.run(reqs, tenant=tenant)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        cache_salt: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Chunks of text (with their token ids) as the worker generates them; the last chunk carries
+        the Result (`chunk.result`). Closing the iterator early cancels the request."""
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt)
+        gen = self._router.stream.options(num_returns="streaming").remote(req.to_dict(), tenant)
+        finished = False
+        try:
+            for ref in gen:
+                chunk = Chunk.from_dict(ray.get(ref))
+                finished = chunk.result is not None
+                yield chunk
+                if finished:
+                    return
+        finally:
+            if not finished:
+                ray.cancel(gen)
 
     def run(self, requests: Sequence[Request], *, tenant: str | None = None) -> list[Result]:
         refs = [self._router.generate.remote(r.to_dict(), tenant) for r in requests]

@@ -90,6 +90,8 @@ def start(args) -> int:
         gpus_per_worker=args.gpus_per_worker,
         tenant_mode=args.tenant_mode,
         audit_fraction=args.audit_fraction,
+        max_running=args.max_running,
+        max_batch_tokens=args.max_batch_tokens,
         detached=True,
     )
     with _ray(args.address) as ray:

@@ -33,8 +33,18 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from cache_store import CacheConfig, Exported, IndexUnavailable, KVShape, LeaseKeeper, MetadataIndex, TieredStore
-from cache_store import block_chain, root_hash, token_blocks
+from cache_store import (
+    CacheConfig,
+    Exported,
+    IndexUnavailable,
+    KVShape,
+    LeaseKeeper,
+    MetadataIndex,
+    TieredStore,
+    block_chain,
+    root_hash,
+    token_blocks,
+)
 from cache_store.hashing import BlockHash
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
@@ -47,7 +57,8 @@ from worker.peer import PeerFetcher, PeerFetchError, PeerHint, fetch_prefix
 from worker.request import Request, Result
 from worker.sampling import make_generator, next_token
 from worker.scheduler import Scheduler
-from worker.sequence import Chunk, Sequence as Seq, Status
+from worker.sequence import Chunk, Status
+from worker.sequence import Sequence as Seq
 
 __all__ = ["Engine", "EngineConfig", "PeerFetchError", "PeerHint", "Chunk"]
 
@@ -96,7 +107,9 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_running=self.config.max_running, max_batch_tokens=self.config.max_batch_tokens
         )
-        self.runner = ModelRunner(self.model, self.store.device_pool.data, self.block_size, device, self.config.attention)
+        self.runner = ModelRunner(
+            self.model, self.store.device_pool.data, self.block_size, device, self.config.attention
+        )
         self.detok = Detokenizer(self.tokenizer)
         self._step_lock = threading.RLock()
         self._inbox: collections.deque[Seq] = collections.deque()
@@ -254,7 +267,9 @@ class Engine:
         if problem is not None:
             self.counters.add("rejected_requests")
             return Result.failed(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
-        capture = capture_logits or (use_cache and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction)
+        capture = capture_logits or (
+            use_cache and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
+        )
         seq = Seq(
             req,
             ids,
@@ -412,8 +427,8 @@ class Engine:
         with self._step_lock:
             self._reap()
             plan = self.scheduler.schedule()
-            for seq in plan.preempted:
-                self.counters.add("preemptions")
+            if plan.preempted:
+                self.counters.add("preemptions", len(plan.preempted))
             if not plan.batch:
                 return self._unblock()
             try:
@@ -542,7 +557,14 @@ class Engine:
         bs = self.block_size
         hashes = block_chain(seq.root, seq.prompt, bs)
         got = fetch_prefix(
-            self.store, self.costs, self.peer_fetcher, hint, hashes, token_blocks(seq.prompt, bs), self.dtype, self.counters
+            self.store,
+            self.costs,
+            self.peer_fetcher,
+            hint,
+            hashes,
+            token_blocks(seq.prompt, bs),
+            self.dtype,
+            self.counters,
         )
         if got is not None:
             seq.peer_hold, lo, hi = got

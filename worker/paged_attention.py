@@ -140,7 +140,9 @@ class active_step:
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     step: StepAttention | None = getattr(_current, "step", None)
     if step is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     return step.attend(module.layer_idx, query, key, value, scaling), None
 
 

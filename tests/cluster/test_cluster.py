@@ -50,16 +50,20 @@ def test_outputs_equal_a_cold_run(cluster):
 
 
 def test_peer_fetch_when_the_holder_is_busy(cluster):
+    """A burst sharing a cached prefix, each with its own long question: the holder's queued
+    prefill soon costs more than pulling the prefix, so part of the burst runs on the other
+    worker with the prefix fetched, and every answer equals the cold one."""
     prompt = "A long prompt that one worker computes and the other pulls. " * 20  # ~1,200 tokens
-    cold = cluster.generate([prompt], max_new_tokens=6, cache_salt="peer-cold")[0]
+    questions = [f" Question {i}: " + "why " * 150 for i in range(4)]  # ~600 uncached tokens each
+    cold = cluster.generate([prompt + q for q in questions], max_new_tokens=6, cache_salt="peer-cold")
     warm = cluster.generate([prompt], max_new_tokens=6, cache_salt="peer")[0]
-    burst = cluster.generate([prompt] * 4, max_new_tokens=6, cache_salt="peer")
+    burst = cluster.generate([prompt + q for q in questions], max_new_tokens=6, cache_salt="peer")
     fetched = [r for r in burst if r.cached_peer_tokens > 0]
     assert fetched, [(r.worker_id, r.cached_tokens, r.extra) for r in burst]
     for r in fetched:
         assert r.worker_id != warm.worker_id
         assert r.cached_tokens == r.cached_peer_tokens + r.cached_device_tokens + r.cached_host_tokens
-    assert all(r.token_ids == cold.token_ids for r in [warm, *burst])
+    assert [r.token_ids for r in burst] == [r.token_ids for r in cold]
 
 
 def test_stats_count_exactly_what_was_sent(cluster):
