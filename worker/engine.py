@@ -267,9 +267,7 @@ class Engine:
         if problem is not None:
             self.counters.add("rejected_requests")
             return Result.failed(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
-        capture = capture_logits or (
-            use_cache and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
-        )
+        audit = use_cache and store and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
         seq = Seq(
             req,
             ids,
@@ -279,7 +277,8 @@ class Engine:
             sink=sink,
             use_cache=use_cache,
             store=store,
-            capture_logits=capture,
+            capture_logits=capture_logits or audit,
+            audit=audit,
         )
         if hint is not None and use_cache and self.peer_fetcher is not None:
             self._fetch_for(seq, hint)
@@ -518,7 +517,7 @@ class Engine:
             self.counters.add("cancelled_requests")
         elif seq.store or seq.use_cache:
             self._count(seq)
-            if seq.capture_logits and seq.cached_tokens and seq.store:
+            if seq.audit and seq.cached_tokens:
                 self._audit(seq)
         seq.emit(Chunk("", (), seq.result))
         seq.done.set()

@@ -69,6 +69,7 @@ class Sequence:
     use_cache: bool = True  # False: match nothing (audit, reference runs)
     store: bool = True  # False: adopt nothing into the cache
     capture_logits: bool = False  # keep the last prompt position's logits (tests, audit)
+    audit: bool = False  # when it hit the cache, recompute it without and compare (engine audit)
     peer_hold: Hold | None = None  # blocks fetched from a peer before admission, pinned until then
     peer_blocks: tuple[int, int] = (0, 0)  # chain blocks [lo, hi) that came from a peer
 

@@ -223,7 +223,13 @@ def service_modes(size: Sizes, log) -> dict:
     out["workers"]["2"] = _hit_and_rate(out["modes"]["d"])
 
     log("service: (e) a device tier a quarter of that, the host tier holding the rest ...")
-    small = Cluster.start(workers=2, service="bench-host", device_cache_gb=per2 / 4, host_cache_gb=per2)
+    # The device tier is also the running requests' KV memory: it must hold the 2 that run on each
+    # worker at once, whatever the quarter is.
+    longest = max(len(r.prompt) + r.max_new_tokens for r in shared("e").requests)
+    running_gb = 2 * (longest // 16 + 2) * BLOCK_BYTES / GB
+    small = Cluster.start(
+        workers=2, service="bench-host", device_cache_gb=max(per2 / 4, running_gb), host_cache_gb=per2
+    )
     try:
         out["modes"]["e"] = mode(small, "e", 2)
     finally:

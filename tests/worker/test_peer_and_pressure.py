@@ -17,7 +17,7 @@ from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model
 from worker.request import Request
 
-from .test_exactness import reference
+from .reference import reference
 
 CFG = CacheConfig(device_bytes=64 * 131072, host_bytes=0)
 
