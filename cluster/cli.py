@@ -21,6 +21,8 @@ import logging
 import os
 import sys
 
+from cluster.bench import PARTS as BENCH_PARTS
+
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
 
@@ -151,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark suite; writes BENCHMARKS.md and plots")
     p.add_argument("--quick", action="store_true", help="small sizes (under 5 minutes on 2 CPU cores)")
     p.add_argument("--out", default=".", help="directory for BENCHMARKS.md and plots")
+    p.add_argument(
+        "--only",
+        choices=BENCH_PARTS,
+        help="rerun one part, keeping the other's numbers from OUT/bench-results.json",
+    )
 
     p = sub.add_parser("demo-model", help="write the built-in demo model in Hugging Face format")
     p.add_argument("dir")

@@ -303,7 +303,7 @@ def dashboard(args) -> int:
 def bench(args) -> int:
     from cluster.bench.suite import run_suite
 
-    run_suite(quick=args.quick, out_dir=Path(args.out))
+    run_suite(quick=args.quick, out_dir=Path(args.out), only=args.only)
     return EXIT_OK
 
 

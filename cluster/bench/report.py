@@ -280,4 +280,8 @@ def write(res: dict, out: Path) -> None:
         "![workers](" + PLOTS + "/hit_rate_vs_workers.png)",
         "",
     ]
+    if "batching" in res:
+        from cluster.bench.batching import report_lines
+
+        lines += report_lines(res["batching"])
     (out / "BENCHMARKS.md").write_text("\n".join(lines))
