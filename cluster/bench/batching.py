@@ -266,7 +266,49 @@ def run(size: BatchSizes, log=print) -> dict:
                     samples, wall = closed_loop(serve, work, c)
                 out["runs"][f"{workload}/{c}/{mode}"] = summarize(samples, wall)
     out["suffix_limit_s"] = suffix_limit(size)
+    out["attention"] = attention_modes(size)
     out["goals"] = goals(out)
+    return out
+
+
+def attention_modes(size: BatchSizes) -> dict[str, dict[str, float]]:
+    """Step time of each attention mode (worker.paged_attention) on the same batches: `decode`, one
+    token for each of 16 requests at a system prompt's context; `mixed`, the same plus a prefill
+    chunk. Median of 5 steps; the engine's default is the faster."""
+    from worker.engine import Engine
+    from worker.paged_attention import ATTENTION_MODES
+
+    engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=1.0, host_cache_gb=0, max_running=32)
+    seqs = [engine.submit(Request(ids, max_new_tokens=4000)) for ids in prompts(size, "shared", 16, seed=7)]
+    while any(s.prefilling or not s.out for s in seqs):
+        engine._step()
+    for s in seqs:
+        engine.blocks.reserve(s, 1)  # the table covers each request's next token
+    out: dict[str, dict[str, float]] = {}
+    for mode in ATTENTION_MODES:
+        engine.runner.mode = mode
+        out[mode] = {}
+        for shape in ("decode", "mixed"):
+            batch = [(s, 1) for s in seqs]
+            if shape == "mixed":
+                batch.append((engine.submit(Request(prompts(size, "cold", 1, seed=8)[0], max_new_tokens=1)), 0))
+                engine._reap()
+                extra = engine.scheduler.waiting.popleft()
+                engine.blocks.admit(extra)
+                n = min(extra.to_feed, 128)
+                engine.blocks.reserve(extra, n)
+                batch[-1] = (extra, n)
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                engine.runner.run(batch)  # rewrites the same slots each time: no state moves
+                times.append(time.perf_counter() - t)
+            out[mode][shape] = statistics.median(times)
+            if shape == "mixed":
+                engine.scheduler.finish(extra)
+    for s in seqs:
+        engine.cancel(s)
+    engine.close()
     return out
 
 
@@ -320,6 +362,18 @@ def report_lines(out: dict) -> list[str]:
             f"{r['ttft_p95_s'] * 1e3:.0f} ms | {r['warm_ttft_p95_s'] * 1e3:.0f} ms | {r['tpot_p50_s'] * 1e3:.1f} ms | "
             f"{r['tpot_p95_s'] * 1e3:.1f} ms | {100 * r['hit_rate']:.1f}% |"
         )
+    att = out.get("attention", {})
+    if att:
+        lines += [
+            "",
+            "Attention per step, the two ways `worker/paged_attention.py` can run it (median step time; "
+            "`decode`: 16 requests at a system prompt's context, one token each; `mixed`: the same plus a "
+            "128-token prefill chunk). The faster is the default.",
+            "",
+            "| attention | decode step | mixed step |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {m} | {v['decode'] * 1e3:.1f} ms | {v['mixed'] * 1e3:.1f} ms |" for m, v in att.items()]
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else '**no**'} |" for g, m, ok in out["goals"]]
     return lines + [""]
