@@ -81,6 +81,7 @@ class Router:
         self._prefix_hits: Counter[str] = Counter()  # "<last block hex>:<tokens>:<tenant>" -> hits, unflushed
         # In-flight work per placement: id(plan) -> (worker, estimated prefill seconds, placed at).
         self._work: dict[int, tuple[str, float, float]] = {}
+        self.clock = time.monotonic  # seconds; replaceable so tests can move time
         self._lock = threading.Lock()
 
     # ---- planning --------------------------------------------------------------
@@ -148,7 +149,7 @@ class Router:
             self.inflight[placement.worker_id] += 1
             self._remember(chain, placement.worker_id, holdings)
             plan = Plan(ids, chain, placement, holdings)
-            self._work[id(plan)] = (placement.worker_id, self._prefill_s(plan), time.monotonic())
+            self._work[id(plan)] = (placement.worker_id, self._prefill_s(plan), self.clock())
         self.counters.add("routed")
         self.counters.add(f"placement_{placement.reason}")
         if placement.peer is not None:
@@ -169,7 +170,7 @@ class Router:
         is the prefill still queued ahead (each in-flight request's estimated prefill, minus the
         time it has been running) and, once more requests are in flight than the engine batches
         (`max_running`, measured at start-up), the turnover of those extra requests."""
-        now = time.monotonic()
+        now = self.clock()
         load = dict.fromkeys(workers, 0.0)
         for w, prefill_s, placed in self._work.values():
             if w in load:

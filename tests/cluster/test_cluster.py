@@ -129,3 +129,32 @@ def test_scale_out_adds_a_serving_worker(cluster):
     results = [cluster.generate([f"A brand new prefix number {i}. " * 4], max_new_tokens=1)[0] for i in range(3)]
     assert "worker-2" in {r.worker_id for r in results}  # new prefixes go where the fewest live
     assert cluster.stats()["workers"]["worker-2"]["alive"]
+
+
+def test_stream_through_the_router_and_a_dropped_stream_frees_its_blocks(cluster):
+    prompt = "Streaming through the router, token by token. " * 3
+    [full] = cluster.generate([prompt], max_new_tokens=24)
+    chunks = list(cluster.stream(prompt, max_new_tokens=24))
+    result = chunks[-1].result
+    assert result is not None and result.ok and result.token_ids == full.token_ids
+    assert "".join(c.text for c in chunks[:-1]) == full.text
+    assert len(chunks) > 3  # pieces arrived one by one, not as one block at the end
+    assert result.cached_tokens > 0  # the first call cached the prompt
+
+    stats = lambda: cluster.stats()["workers"]  # noqa: E731
+    before = sum(w["counters"].get("cancelled_requests", 0) for w in stats().values())
+    it = cluster.stream(prompt + " A long answer, please.", max_new_tokens=2000)
+    next(it)
+    it.close()  # the client went away: the worker cancels the request
+    import time
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        workers = stats()
+        cancelled = sum(w["counters"].get("cancelled_requests", 0) for w in workers.values())
+        if cancelled > before and all(w["device_tier"]["pinned"] == 0 for w in workers.values()):
+            break
+        time.sleep(0.2)
+    assert cancelled == before + 1, "the dropped stream was not cancelled on its worker"
+    assert all(w["device_tier"]["pinned"] == 0 for w in workers.values())
+    assert cluster.generate(["still serving"], max_new_tokens=2)[0].ok
