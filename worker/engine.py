@@ -116,6 +116,7 @@ class Engine:
         self._wake = threading.Event()
         self._loop: threading.Thread | None = None
         self._stopping = False
+        self._audits = 0  # audit recomputations queued, not finished
         self.costs = CostModel(prefill_s_per_token=self._measure_prefill())
         self.index = index
         self.keeper: LeaseKeeper | None = None
@@ -289,6 +290,8 @@ class Engine:
     def wait(self, seq: Seq) -> Result:
         while not seq.done.is_set():
             self._advance(seq)
+        while self._loop is None and self._audits and self._step():
+            pass  # without a loop, the caller also runs the audits its request queued
         assert seq.result is not None
         return seq.result
 
@@ -578,7 +581,10 @@ class Engine:
         ref.capture_logits = True
 
         def compare(chunk: Chunk) -> None:
-            if chunk.result is None or ref.prompt_logits is None:
+            if chunk.result is None:
+                return
+            self._audits -= 1
+            if ref.prompt_logits is None:
                 return
             diff = float((ref.prompt_logits - cached).abs().max())
             self.counters.add("audit_checked")
@@ -587,6 +593,7 @@ class Engine:
                 log.error("audit: cached prefill differs from a fresh one by %.3g (%d tokens)", diff, len(seq.prompt))
 
         ref.sink = compare
+        self._audits += 1
         self._inbox.append(ref)
 
     def _count(self, seq: Seq) -> None:

@@ -135,3 +135,18 @@ def test_a_different_model_never_hits_in_the_index(valkey, tiny_dirs):
     finally:
         a.close()
         b.close()
+
+
+def test_the_audit_reports_a_corrupted_cached_block():
+    engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=0.05, host_cache_gb=0, audit_fraction=1.0)
+    prompt = "An audited system prompt of a few blocks. " * 2
+    engine.generate([prompt], max_new_tokens=1)
+    engine.generate([prompt + "clean hit"], max_new_tokens=1)
+    assert engine.counters.snapshot().get("audit_checked") == 1
+    assert engine.counters.snapshot().get("audit_mismatches", 0) == 0
+    ids = engine.tokenize(prompt)
+    first = engine.store.tree.get(engine.chain(ids)[0])
+    engine.store.device_pool.data[first.slot].mul_(-3.0)  # what a wrong block would look like
+    engine.generate([prompt + "corrupted hit"], max_new_tokens=1)
+    assert engine.counters.snapshot().get("audit_checked") == 2
+    assert engine.counters.snapshot().get("audit_mismatches") == 1
