@@ -261,6 +261,7 @@ class RouterService:
             "policy": self.router.policy.name if self.router else self.spec.policy,
             "fingerprint": self.router.fingerprint if self.router else None,
             "block_size": self.router.block_size if self.router else self.spec.block_size,
+            "max_context": self.router.max_context if self.router else None,
         }
 
     async def stats(self) -> dict:

@@ -234,8 +234,12 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
 
 
 def stop_service(service: str = "default") -> None:
-    """Graceful stop: workers deregister from the index, then every actor of the service is killed."""
+    """Graceful stop: the HTTP API first (in-flight requests finish), then workers deregister from the
+    index, then every actor of the service is killed."""
+    from cluster.http.server import stop_http
+
     router = find_router(service)
+    stop_http(service)
     names = ray.get(router.shutdown.remote())
     actors = [router]
     for name in names:
