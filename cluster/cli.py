@@ -39,6 +39,27 @@ def _address_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     )
 
 
+def _http_args(p: argparse.ArgumentParser, default_port: int | None) -> None:
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=default_port,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions) on this port"
+        + (f" (default {default_port})" if default_port else ""),
+    )
+    p.add_argument(
+        "--http-host",
+        default=None,
+        help="bind address of the HTTP API (default: 127.0.0.1; 0.0.0.0 with --api-keys)",
+    )
+    p.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        default=None,
+        help="'KEY TENANT' per line: requests need 'Authorization: Bearer KEY'; each tenant gets its own cache salt",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixcache", description="A cluster-wide prefix (KV) cache for LLM inference."
@@ -94,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share of cache hits re-computed without the cache and compared (e.g. 0.01)",
     )
+    _http_args(p, default_port=None)
     p.add_argument(
         "--max-running",
         type=int,

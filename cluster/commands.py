@@ -98,15 +98,32 @@ def start(args) -> int:
         started = _service_error(start_service, spec)
         cfg = ray.get(started.router.config.remote())
         health = ray.get([h.health.remote() for h in started.workers.values()])
+        url = _service_error(_start_http, args, spec.service) if args.http_port is not None else None
     print(f"service {spec.service!r} is up: {len(health)} workers, model {spec.model!r}, policy {spec.policy}")
     for h in health:
         print(f"  {h['worker_id']}: {h['device']} gpu_ids={h['gpu_ids']} node={h['node_id'][:12]}")
     print(f"  index: {redact(cfg['redis_url'])}")
+    if url:
+        from cluster.http.server import binding_note
+
+        print(f"  OpenAI-compatible API: {url}/v1   ({binding_note(args.http_host, bool(args.api_keys))})")
     print("next:")
     print(f"  prefixcache submit requests.jsonl --address ray://<head>:10001 --service {spec.service}")
     print(f"  prefixcache dashboard --redis-url <the URL above, with its password> --service {spec.service}")
     print(f"  prefixcache stop --address {args.address} --service {spec.service}")
     return EXIT_OK
+
+
+def _start_http(args, service: str) -> str:
+    """The HTTP API for a just-started service; if it cannot start, the service is stopped again."""
+    from cluster.http.server import start_http
+    from cluster.service import stop_service
+
+    try:
+        return start_http(service, args.http_port, host=args.http_host, api_keys=args.api_keys)
+    except BaseException:
+        stop_service(service)
+        raise
 
 
 def add_workers(args) -> int:

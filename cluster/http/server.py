@@ -24,8 +24,13 @@ def app_name(service: str) -> str:
     return f"prefixcache-{service}"
 
 
-def binding_note(host: str, keyed: bool) -> str:
+def default_host(keyed: bool) -> str:
+    return "0.0.0.0" if keyed else "127.0.0.1"
+
+
+def binding_note(host: str | None, keyed: bool) -> str:
     """The line `start` / `demo` print about who can reach the API."""
+    host = host or default_host(keyed)
     if keyed:
         return f"HTTP API on {host}: every request needs 'Authorization: Bearer KEY' from the --api-keys file"
     return "HTTP API without --api-keys: bound to 127.0.0.1 only (pass --api-keys FILE to serve other machines)"
@@ -43,7 +48,7 @@ def start_http(
         keys = load_keys(api_keys) if api_keys else None
     except KeyFileError as e:
         raise ServiceError(str(e)) from None
-    host = host or ("0.0.0.0" if keys else "127.0.0.1")
+    host = host or default_host(keys is not None)
     if keys is None and host not in LOCAL_HOSTS:
         raise ServiceError(f"--http-host {host} without --api-keys would open the API to the network; pass --api-keys")
     if _serve_running():
