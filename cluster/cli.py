@@ -1,6 +1,6 @@
 """`prefixcache`: the one command-line entry point.
 
-    prefixcache demo                      local service + workload + table (+ dashboard)
+    prefixcache demo                      local service (smollm2) + chats over its HTTP API + table (+ dashboard)
     prefixcache start --address ADDR      start router + workers on a running Ray cluster
     prefixcache add-workers N --address ADDR   scale out
     prefixcache stop  --address ADDR      stop them (workers deregister from the index)
@@ -67,12 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="local service, demo model, shared-system-prompt workload, results table")
+    p = sub.add_parser(
+        "demo", help="local service on a real instruct model; chats through its OpenAI-compatible API; results table"
+    )
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--questions", type=int, default=24, help="users asking on the shared system prompts")
-    p.add_argument("--port", type=int, default=8000, help="dashboard port")
+    p.add_argument(
+        "--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, default), demo (random weights) or a dir"
+    )
+    p.add_argument("--http-port", type=int, default=8000, help="port of the OpenAI-compatible API (default 8000)")
+    p.add_argument("--port", type=int, default=8080, help="dashboard port (default 8080)")
     p.add_argument("--no-dashboard", action="store_true")
-    p.add_argument("--no-wait", action="store_true", help="exit after the table instead of serving the dashboard")
+    p.add_argument(
+        "--no-wait", action="store_true", help="exit after the table instead of serving the API and dashboard"
+    )
 
     p = sub.add_parser("start", help="start router + workers on a running Ray cluster")
     _address_arg(p)

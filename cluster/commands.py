@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from cluster.lifecycle import stop_on_sigterm
+
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
 
@@ -57,16 +59,21 @@ def _service_error(fn, *a, **kw):
 
 def demo(args) -> int:
     from cluster.demo import run_demo
+    from cluster.service import ServiceError
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
-    run_demo(
-        workers=args.workers,
-        questions=args.questions,
-        dashboard=not args.no_dashboard,
-        port=args.port,
-        wait=not args.no_wait,
-    )
+    try:
+        run_demo(
+            model=args.model,
+            workers=args.workers,
+            http_port=args.http_port,
+            dashboard=not args.no_dashboard,
+            port=args.port,
+            wait=not args.no_wait,
+        )
+    except ServiceError as e:
+        raise UserError(str(e)) from None
     return EXIT_OK
 
 
@@ -309,9 +316,10 @@ def dashboard(args) -> int:
     server.start()
     print(f"dashboard on {server.url} (JSON: /api/stats, Prometheus: /metrics); Ctrl-C to stop", file=sys.stderr)
     try:
-        server.wait()
+        with stop_on_sigterm():
+            server.wait()
     except KeyboardInterrupt:
-        pass  # Ctrl-C is how the dashboard is meant to stop
+        pass  # Ctrl-C (or SIGTERM) is how the dashboard is meant to stop
     finally:
         server.stop()
     return EXIT_OK
