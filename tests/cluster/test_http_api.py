@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
@@ -18,6 +21,7 @@ import pytest
 from cache_store.embedded import free_port
 from cluster import Cluster
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 GEOGRAPHY = (
     "You are a geography expert working for a travel magazine. Answer every question in one short, "
     "factual sentence. Do not add greetings, lists or follow-up questions."
@@ -228,3 +232,40 @@ def test_streaming_errors_before_the_first_token_are_http_errors(client):
         chat(client, "hi", stream=True, max_tokens=9000)
     assert e.value.body["code"] == "context_length_exceeded"
     still_serving(client)
+
+
+# ---- the README's examples, as a new user would paste them -----------------------------------
+
+
+def readme_blocks(lang: str) -> list[str]:
+    """Fenced blocks of the README's HTTP API section that talk to the local server."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## HTTP API") :]
+    section = section[: section.index("\n## ", 1)]
+    blocks = re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
+    return [b for b in blocks if "127.0.0.1:8000" in b]
+
+
+def test_readme_curl_examples_run(svc):
+    blocks = readme_blocks("sh")
+    assert len(blocks) >= 3
+    outputs = []
+    for block in blocks:
+        script = "set -e\n" + block.replace("http://127.0.0.1:8000", svc.http_url)
+        r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert '"error"' not in r.stdout, r.stdout
+        outputs.append(r.stdout)
+        print(r.stdout)
+    chat_out, stream_out, plain_out = outputs[:3]
+    assert json.loads(chat_out)["choices"][0]["message"]["content"] == "The capital of France is Paris."
+    events = [line[6:] for line in stream_out.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] > 0
+    assert '"object":"text_completion"' in plain_out and '"object":"list"' in plain_out
+
+
+def test_readme_python_example_runs(svc, capsys):
+    [block] = readme_blocks("python")
+    exec(compile(block.replace("http://127.0.0.1:8000", svc.http_url), "README.md", "exec"), {})
+    answer, cached = capsys.readouterr().out.rsplit(" ", 1)
+    assert answer == "The capital of France is Paris." and int(cached) > 0  # the curl example cached the prompt
