@@ -41,7 +41,8 @@ class BatchSizes:
     cold_tokens: int = 512
     new_tokens: int = 32
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    min_requests: int = 8  # per concurrency level: max(min_requests, 2 x c)
+    min_requests: int = 8  # per concurrency level: 2 x c, at least this many and at most max_requests
+    max_requests: int = 96
 
 
 QUICK_BATCH = BatchSizes(2, 256, 16, 128, 8, (1, 4), 4)
@@ -232,7 +233,7 @@ def run(size: BatchSizes, log=print) -> dict:
 
     for workload in ("shared", "cold"):
         for c in size.concurrency:
-            n = max(size.min_requests, 2 * c)
+            n = min(size.max_requests, max(size.min_requests, 2 * c))
             work = prompts(size, workload, n, seed=c)
             # Warm-up, not timed: one unrelated prompt, and on `shared` each system prompt once (the
             # workload is about hot system prompts; a cold start is the `cold` workload's business).
