@@ -55,7 +55,7 @@ from worker.models import LoadedModel, fingerprint, load_model, resolve_device, 
 from worker.output import Detokenizer, build_result, cut_at_stop
 from worker.paged_attention import ATTN_NAME
 from worker.peer import PeerFetcher, PeerFetchError, PeerHint, fetch_prefix
-from worker.request import Request, Result
+from worker.request import Request, Result, prompt_ids_problem
 from worker.sampling import make_generator, next_token
 from worker.scheduler import Scheduler
 from worker.sequence import Chunk, Status
@@ -573,19 +573,10 @@ class Engine:
             ids = self.tokenize(req.prompt)
         else:
             ids = list(req.prompt)
-        if not ids:
-            return ids, "prompt tokenizes to no tokens; send some text"
-        vocab = self.loaded.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            return ids, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}); send ids below {vocab}"
-        ctx = self.loaded.max_context
+        problem = prompt_ids_problem(ids, req.max_new_tokens, self.loaded.vocab_size, self.loaded.max_context)
+        if problem is not None:
+            return ids, problem
         total = len(ids) + req.max_new_tokens
-        if total > ctx:
-            return ids, (
-                f"prompt has {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: {total} "
-                f"exceeds the model context of {ctx}; shorten the prompt or lower max_new_tokens"
-            )
         blocks = -(-total // self.block_size)
         if blocks > self.store.device_pool.capacity:
             return ids, (
