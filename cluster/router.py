@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
 from cluster.policies import Placement, PlacementInput, Policy, WorkerCosts
-from worker.request import Request
+from worker.request import Request, prompt_ids_problem
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
 
@@ -92,17 +92,9 @@ class Router:
         if problem:
             return problem
         ids = list(self.tokenizer(req.prompt)["input_ids"]) if isinstance(req.prompt, str) else list(req.prompt)
-        if not ids:
-            return "prompt tokenizes to no tokens; send some text"
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            return f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}); send ids below {self.vocab_size}"
-        if len(ids) + req.max_new_tokens > self.max_context:
-            return (
-                f"prompt has {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: "
-                f"{len(ids) + req.max_new_tokens} exceeds the model context of {self.max_context}; "
-                "shorten the prompt or lower max_new_tokens"
-            )
+        problem = prompt_ids_problem(ids, req.max_new_tokens, self.vocab_size, self.max_context)
+        if problem:
+            return problem
         return ids, block_chain(root_hash(self.fingerprint, req.cache_salt), ids, self.block_size)
 
     def place(self, ids: list[int], chain: list[BlockHash], exclude: Iterable[str] = ()) -> Plan:

@@ -16,6 +16,7 @@ import hmac
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,7 +24,7 @@ import ray
 from cache_store import IndexUnavailable, MetadataIndex
 from cluster.dashboard.collect import record_history
 from cluster.policies import WorkerCosts, make_policy
-from cluster.router import NoWorker, Router
+from cluster.router import NoWorker, Plan, Router
 from cluster.service import ServiceSpec, redis_name
 from cluster.stats import summarize
 from worker.actor import NAMESPACE, worker_actor_name
@@ -164,58 +165,61 @@ class RouterService:
                 detail = f" (after: {'; '.join(errors)})" if errors else ""
                 yield {"result": Result.failed(f"{e}{detail}", id=req.id, prompt_tokens=len(ids)).to_dict()}
                 return
-            w = plan.placement.worker_id  # counted in flight there by place()
-            latency, streamed, ended = None, 0, False
-            gen = (
-                self.handles[w].stream.options(num_returns="streaming").remote(req.to_dict(), ids, plan.placement.peer)
-            )
-            try:
-                async for ref in gen:
-                    item = await ref
-                    if "result" not in item:
-                        streamed += 1
-                        if stream:
-                            yield item
-                        continue
-                    out, ended = item["result"], True
-                    # how long the request occupied the worker (its own queueing excluded)
-                    latency = out.get("latency_s", 0.0) - out.get("queue_s", 0.0)
-                    if out.get("error") is None:
-                        self.router.account(plan, out["cached_tokens"], req.cache_salt)
-                    out["extra"] = {
-                        **out.get("extra", {}),
-                        "placement": plan.placement.reason,
-                        "attempts": len(tried) + 1,
-                    }
-                    yield {"result": out}
-                    return
-                raise ray.exceptions.RayActorError()  # the stream ended without a result
-            except ray.exceptions.RayActorError as e:
-                ended = True
-                log.warning("worker %s failed during a request: %s", w, type(e).__name__)
-                self.router.mark_dead(w)
-                if stream and streamed:
-                    yield {
-                        "result": Result.failed(
-                            f"worker {w} died after streaming {streamed} chunk(s); resend the request",
-                            id=req.id,
-                            worker_id=w,
-                            prompt_tokens=len(ids),
-                        ).to_dict()
-                    }
-                    return
-                self.router.counters.add("retries")
-                tried.append(w)
-                errors.append(f"{w}: {type(e).__name__}")
-            except ray.exceptions.RayTaskError as e:
-                ended = True
-                self.router.counters.add("worker_errors")
-                yield {"result": Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()}
+            attempt = _Attempt(plan, len(tried) + 1)
+            async for item in self._forward(req, attempt, stream=stream):
+                yield item
+            if attempt.died is None:
                 return
-            finally:
-                if not ended:  # the caller went away mid-stream
-                    _cancel_quietly(gen)
-                self.router.finished(plan, latency)
+            self.router.counters.add("retries")
+            tried.append(plan.placement.worker_id)
+            errors.append(f"{plan.placement.worker_id}: {attempt.died}")
+
+    async def _forward(self, req: Request, attempt: _Attempt, *, stream: bool):
+        """One try on the planned worker: its chunks (when streaming) and its result. If the worker
+        dies before anything was streamed, `attempt.died` says so and nothing is yielded for it: the
+        caller retries elsewhere. A caller that stops listening cancels the request there."""
+        plan = attempt.plan
+        w = plan.placement.worker_id  # counted in flight there by place()
+        gen = (
+            self.handles[w]
+            .stream.options(num_returns="streaming")
+            .remote(req.to_dict(), plan.token_ids, plan.placement.peer)
+        )
+        latency, streamed, ended = None, 0, False
+        try:
+            async for ref in gen:
+                item = await ref
+                if "result" not in item:
+                    streamed += 1
+                    if stream:
+                        yield item
+                    continue
+                out, ended = item["result"], True
+                # how long the request occupied the worker (its own queueing excluded)
+                latency = out.get("latency_s", 0.0) - out.get("queue_s", 0.0)
+                if out.get("error") is None:
+                    self.router.account(plan, out["cached_tokens"], req.cache_salt)
+                out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": attempt.number}
+                yield {"result": out}
+                return
+            raise ray.exceptions.RayActorError()  # the stream ended without a result
+        except ray.exceptions.RayActorError as e:
+            ended = True
+            log.warning("worker %s failed during a request: %s", w, type(e).__name__)
+            self.router.mark_dead(w)
+            if not (stream and streamed):
+                attempt.died = type(e).__name__
+                return
+            error = f"worker {w} died after streaming {streamed} chunk(s); resend the request"
+            yield {"result": Result.failed(error, id=req.id, worker_id=w, prompt_tokens=len(plan.token_ids)).to_dict()}
+        except ray.exceptions.RayTaskError as e:
+            ended = True
+            self.router.counters.add("worker_errors")
+            yield {"result": Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()}
+        finally:
+            if not ended:  # the caller went away mid-stream
+                _cancel_quietly(gen)
+            self.router.finished(plan, latency)
 
     def _admit(self, request: dict, tenant: str | None) -> Request | dict:
         """The request with the tenant's salt applied, or a failed Result dict saying what is wrong."""
@@ -367,6 +371,13 @@ class RouterService:
             return await asyncio.wait_for(ref, 30)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             return e
+
+
+@dataclass
+class _Attempt:
+    plan: Plan
+    number: int  # 1 for the first worker tried
+    died: str | None = None  # set when the worker died before streaming anything: retry elsewhere
 
 
 def _cancel_quietly(gen) -> None:

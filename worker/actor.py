@@ -62,26 +62,27 @@ class WorkerService:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
         cpus = _assigned_cpus()
-        if self.device.type == "cpu" and cpus:
-            torch.set_num_threads(cpus)
-        loaded = load_model(model, self.device, resolve_dtype(dtype, self.device))
-        index = MetadataIndex(redis_url, self.config) if redis_url else None
         self._peers: dict[str, ray.actor.ActorHandle] = {}
         self._inflight = 0
         self._served = 0
         self._submit_thread = ThreadPoolExecutor(4, thread_name_prefix=f"submit-{worker_id}")
         self._side_thread = ThreadPoolExecutor(2, thread_name_prefix=f"export-{worker_id}")
-        self.engine = Engine(
-            loaded,
-            self.config,
-            device=self.device,
-            worker_id=worker_id,
-            index=index,
-            peer_fetcher=self._fetch,
-            audit_fraction=audit_fraction,
-            engine_config=EngineConfig(**(engine or {})),
-        )
-        self.engine.start()
+
+        def build() -> Engine:  # on the engine's own thread: all torch work stays on one thread
+            if self.device.type == "cpu" and cpus:
+                torch.set_num_threads(cpus)
+            return Engine(
+                load_model(model, self.device, resolve_dtype(dtype, self.device)),
+                self.config,
+                device=self.device,
+                worker_id=worker_id,
+                index=MetadataIndex(redis_url, self.config) if redis_url else None,
+                peer_fetcher=self._fetch,
+                audit_fraction=audit_fraction,
+                engine_config=EngineConfig(**(engine or {})),
+            )
+
+        self.engine = Engine.on_own_thread(build, name=f"engine-{worker_id}")
         self.metrics = RayMetrics(self.config.service, worker_id)
         if self.engine.keeper is not None:
             self.engine.keeper.gauges = self._gauges
@@ -113,14 +114,14 @@ class WorkerService:
             queue: asyncio.Queue[Chunk] = asyncio.Queue()
             peer = PeerHint(hint[0], int(hint[1])) if hint else None
 
+            def sink(chunk: Chunk) -> None:  # on the engine's thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                except RuntimeError:
+                    pass  # the event loop is gone (actor exiting): nobody is waiting for it
+
             def submit():
-                return self.engine.submit(
-                    req,
-                    token_ids=token_ids,
-                    hint=peer,
-                    arrived=arrived,
-                    sink=lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, chunk),
-                )
+                return self.engine.submit(req, token_ids=token_ids, hint=peer, arrived=arrived, sink=sink)
 
             seq = await loop.run_in_executor(self._submit_thread, submit)
             if isinstance(seq, Result):

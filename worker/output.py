@@ -3,7 +3,8 @@
 Streaming holds back text that may still change: a trailing replacement
 character (a multi-byte character cut in half by tokenization) and, when
 stop strings are set, the last len(longest stop) - 1 characters (they may
-be the start of a stop string, which is never sent).
+be the start of a stop string, which is never sent). Token ids go out as
+they are sampled.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Detokenizer:
         return bool(seq.req.stop) and cut_at_stop(self.text(seq), seq.req.stop) is not None
 
     def piece(self, seq: Sequence, final: bool) -> Chunk | None:
-        """New text since the last piece (all of it when final, cut at a stop string)."""
+        """New text and token ids since the last piece (all the text when final, cut at a stop
+        string). Token ids are never held back: a piece may carry ids and no text yet."""
         text = self.text(seq)
         if final:
             cut = cut_at_stop(text, seq.req.stop) if seq.req.stop else None
@@ -41,12 +43,11 @@ class Detokenizer:
             end = len(text) - (max(map(len, seq.req.stop)) - 1 if seq.req.stop else 0)
             if text[:end].endswith("\ufffd"):
                 end -= 1
-        if end <= seq.sent_text and not final:
-            return None
-        chunk = Chunk(text[seq.sent_text : max(end, seq.sent_text)], tuple(seq.out[seq.sent_tokens :]))
+        new_text = text[seq.sent_text : end] if end > seq.sent_text else ""
+        new_ids = tuple(seq.out[seq.sent_tokens :])
         seq.sent_text = max(end, seq.sent_text)
         seq.sent_tokens = len(seq.out)
-        return chunk if chunk.text or chunk.token_ids else None
+        return Chunk(new_text, new_ids) if new_text or new_ids else None
 
 
 def build_result(seq: Sequence, text: str, worker_id: str) -> Result:

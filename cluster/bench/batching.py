@@ -9,7 +9,7 @@ Modes, side by side on the same prompts (token ids, greedy, every request genera
   (iv)  plain `generate()` one request at a time.
 Workloads: shared system prompts with short suffixes (warm after the first request of each
 prompt), and no sharing. Closed loop: `c` clients each send their next request when the last one
-finished. TTFT and time per output token are measured by the client, queueing included.
+finished. TTFT and time per output token come from each engine's own per-token times, queueing included.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class BatchSizes:
     cold_tokens: int = 512
     new_tokens: int = 32
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    min_requests: int = 8  # per concurrency level: max(min_requests, 2 x c)
+    min_requests: int = 8  # per concurrency level: 2 x c, at least this many and at most max_requests
+    max_requests: int = 96
 
 
 QUICK_BATCH = BatchSizes(2, 256, 16, 128, 8, (1, 4), 4)
@@ -100,18 +101,14 @@ def closed_loop(serve: Serve, work: list[list[int]], concurrency: int) -> tuple[
 
 
 def engine_server(engine, new_tokens: int) -> Serve:
+    """TTFT and latency as the engine measures them (`Result.ttft_s`, `latency_s`: from the request
+    reaching the engine, queueing included), so client threads of this process that wait for the
+    GIL do not blur them."""
+
     def serve(ids: list[int]) -> Sample:
-        t0 = time.perf_counter()
-        first = None
-        for chunk in engine.stream_request(Request(ids, max_new_tokens=new_tokens)):
-            if first is None and chunk.token_ids:
-                first = time.perf_counter()
-            if chunk.result is not None:
-                r = chunk.result
-                assert r.ok, r.error
-                end = time.perf_counter()
-                return Sample((first or end) - t0, end - t0, len(r.token_ids), r.prompt_tokens, r.cached_tokens)
-        raise RuntimeError("stream ended without a result")
+        r = engine.run(Request(ids, max_new_tokens=new_tokens))
+        assert r.ok, r.error
+        return Sample(r.ttft_s, r.latency_s, len(r.token_ids), r.prompt_tokens, r.cached_tokens)
 
     return serve
 
@@ -170,11 +167,9 @@ class TransformersCB:
             self.n += 1
             rid = f"r{self.n}"
         done = threading.Event()
-        state = {"first": None, "out": None}
+        state = {"out": None}
 
         def on_result(out):
-            if state["first"] is None and out.generated_tokens:
-                state["first"] = time.perf_counter()
             if out.is_finished():
                 state["out"] = out
                 done.set()
@@ -184,12 +179,12 @@ class TransformersCB:
 
         asyncio.run_coroutine_threadsafe(register(), self.loop).result()
         t0 = time.perf_counter()
-        self.manager.add_request(ids, request_id=rid, streaming=True)
+        self.manager.add_request(ids, request_id=rid, streaming=True, record_timestamps=True)
         if not done.wait(timeout=600):
             raise RuntimeError("transformers continuous batching did not finish a request in 600 s")
-        end = time.perf_counter()
-        n = len(state["out"].generated_tokens)
-        return Sample((state["first"] or end) - t0, end - t0, n, len(ids), 0)
+        out = state["out"]
+        stamps = out.timestamps or [time.perf_counter()]  # its own per-token times, like (i)'s
+        return Sample(stamps[0] - t0, stamps[-1] - t0, len(out.generated_tokens), len(ids), 0)
 
     def close(self) -> None:
         self.manager.stop(block=True)
@@ -238,14 +233,17 @@ def run(size: BatchSizes, log=print) -> dict:
 
     for workload in ("shared", "cold"):
         for c in size.concurrency:
-            n = max(size.min_requests, 2 * c)
+            n = min(size.max_requests, max(size.min_requests, 2 * c))
             work = prompts(size, workload, n, seed=c)
-            warmup = prompts(size, "cold", 1, seed=10_000 + c)  # shares nothing with `work`
+            # Warm-up, not timed: one unrelated prompt, and on `shared` each system prompt once (the
+            # workload is about hot system prompts; a cold start is the `cold` workload's business).
+            warmup = prompts(size, "cold", 1, seed=10_000 + c)
+            if workload == "shared":
+                warmup += prompts(size, "shared", size.systems, seed=20_000 + c)
             for mode in MODES:
                 log(f"batching bench: {workload}, concurrency {c}, mode ({mode}) {MODES[mode]}, {n} requests ...")
                 if mode in ("i", "ii"):
                     engine = fresh_engine(None if mode == "i" else 1)
-                    engine.start()
                     try:
                         serve = engine_server(engine, size.new_tokens)
                         closed_loop(serve, warmup, 1)
@@ -349,8 +347,11 @@ def report_lines(out: dict) -> list[str]:
         f"Demo model, one engine, CPU. Shared: {s['systems']} system prompts of {s['system_tokens']} tokens + "
         f"{s['suffix_tokens']}-token suffixes; cold: {s['cold_tokens']}-token prompts sharing nothing. Every request "
         f"generates {s['new_tokens']} tokens (greedy). `c` clients each send their next request when the last one "
-        "finished; TTFT and time per output token (TPOT) are measured by the client, queueing included. Each "
-        "mode starts with an empty cache. Modes: " + "; ".join(f"({k}) {v}" for k, v in MODES.items()) + ".",
+        "finished; TTFT and time per output token (TPOT) are the engines' own per-token times from the request's arrival (queueing included). Each "
+        "mode starts with an empty cache and an untimed warm-up (on `shared`: one request per system prompt, so "
+        "the prompts are hot, as in a serving system that has been up for a while). Modes: "
+        + "; ".join(f"({k}) {v}" for k, v in MODES.items())
+        + ".",
         "",
         "| workload | c | mode | out tok/s | TTFT p50 | TTFT p95 | warm TTFT p95 | TPOT p50 | TPOT p95 | hit rate |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
