@@ -313,15 +313,17 @@ def dashboard(args) -> int:
     from cluster.dashboard.server import DashboardServer
 
     server = DashboardServer(args.redis_url, service=args.service, host=args.host, port=args.port, token=args.token)
-    server.start()
-    print(f"dashboard on {server.url} (JSON: /api/stats, Prometheus: /metrics); Ctrl-C to stop", file=sys.stderr)
-    try:
-        with stop_on_sigterm():
+    with stop_on_sigterm():  # before the line that tells whoever started us that we are up
+        try:
+            server.start()
+            print(
+                f"dashboard on {server.url} (JSON: /api/stats, Prometheus: /metrics); Ctrl-C to stop", file=sys.stderr
+            )
             server.wait()
-    except KeyboardInterrupt:
-        pass  # Ctrl-C (or SIGTERM) is how the dashboard is meant to stop
-    finally:
-        server.stop()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C (or SIGTERM) is how the dashboard is meant to stop
+        finally:
+            server.stop()
     return EXIT_OK
 
 

@@ -141,7 +141,10 @@ class Ingress:
         default = DEFAULT_CHAT_MAX_TOKENS if parsed.chat else DEFAULT_COMPLETION_MAX_TOKENS
         max_tokens = parsed.max_tokens if parsed.max_tokens is not None else min(default, room)
         if max_tokens < 1 or len(ids) + max_tokens > self.max_context:
-            raise context_exceeded(len(ids), max(max_tokens, 1), self.max_context, parsed.max_tokens_param)
+            prompt_param = "messages" if parsed.chat else "prompt"
+            raise context_exceeded(
+                len(ids), max(max_tokens, 1), self.max_context, parsed.max_tokens_param, prompt_param
+            )
         req = Request(prompt=ids, max_new_tokens=max_tokens, id=request_id, **parsed.params)
         problem = req.problem()
         if problem:

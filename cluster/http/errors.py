@@ -51,12 +51,13 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, type="service_unavailable", code="no_live_worker")
 
 
-def context_exceeded(prompt_tokens: int, max_tokens: int, context: int, param: str) -> APIError:
+def context_exceeded(prompt_tokens: int, max_tokens: int, context: int, param: str, prompt_param: str) -> APIError:
+    """vLLM's and OpenAI's wording, with the numbers; `param` names what to shorten."""
     return bad_request(
         f"This model's maximum context length is {context} tokens. However, you requested "
         f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} for the completion). "
         f"Shorten the prompt or lower {param}.",
-        param=param if prompt_tokens < context else "messages",
+        param=param if prompt_tokens < context else prompt_param,
         code="context_length_exceeded",
     )
 
