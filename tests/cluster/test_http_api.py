@@ -134,21 +134,37 @@ def test_stop_seed_and_concurrent_requests(client):
     assert all(x.choices[0].message.content for x in answers)
 
 
-def test_a_client_that_disconnects_cancels_its_request(svc, client):
-    workers = lambda: svc.stats()["workers"]  # noqa: E731
-    before = sum(w["counters"].get("cancelled_requests", 0) for w in workers().values())
+def cancelled_on_workers(svc) -> int:
+    return sum(w["counters"].get("cancelled_requests", 0) for w in svc.stats()["workers"].values())
+
+
+def wait_cancelled(svc, expected: int) -> None:
+    """The worker cancelled the request and unpinned its blocks (what a disconnect must lead to)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        ws = svc.stats()["workers"]
+        cancelled = sum(w["counters"].get("cancelled_requests", 0) for w in ws.values())
+        if cancelled >= expected and all(w["device_tier"]["pinned"] == 0 for w in ws.values()):
+            break
+        time.sleep(0.3)
+    assert cancelled == expected, "the disconnected request was not cancelled on its worker"
+    assert all(w["device_tier"]["pinned"] == 0 for w in ws.values())  # its blocks are free
+
+
+def test_a_streaming_client_that_disconnects_cancels_its_request(svc, client):
+    before = cancelled_on_workers(svc)
     stream = chat(client, "Describe every country in Europe.", stream=True, max_tokens=2000)
     next(iter(stream))
     stream.close()  # the HTTP connection goes away mid-answer
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ws = workers()
-        cancelled = sum(w["counters"].get("cancelled_requests", 0) for w in ws.values())
-        if cancelled > before and all(w["device_tier"]["pinned"] == 0 for w in ws.values()):
-            break
-        time.sleep(0.3)
-    assert cancelled == before + 1, "the disconnected stream was not cancelled on its worker"
-    assert all(w["device_tier"]["pinned"] == 0 for w in ws.values())  # its blocks are free
+    wait_cancelled(svc, before + 1)
+    still_serving(client)
+
+
+def test_a_waiting_client_that_disconnects_cancels_its_request(svc, client):
+    before = cancelled_on_workers(svc)
+    with pytest.raises(openai.APITimeoutError):  # not streamed: the client gives up and closes the connection
+        chat(client, "Describe every country in Europe.", max_tokens=2000, timeout=2.0)
+    wait_cancelled(svc, before + 1)
     still_serving(client)
 
 
