@@ -1,5 +1,6 @@
 """SIGTERM (what `kill`, docker stop and Kubernetes send) stops `prefixcache demo` and `prefixcache
-dashboard` as Ctrl-C does: a clean exit, no native stack dumps, and nothing left running.
+dashboard` as Ctrl-C does: a clean exit, no native stack dumps, nothing left running, and a request
+in flight on the HTTP API finishes first.
 
 Each command runs as a real process in its own session, so every process it starts (Ray's GCS and
 raylet, workers, Serve's proxy, Valkey) can be found afterwards by session id.
@@ -7,6 +8,8 @@ raylet, workers, Serve's proxy, Valkey) can be found afterwards by session id.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import signal
 import subprocess
@@ -80,6 +83,18 @@ def terminate_and_check(proc: subprocess.Popen, lines: list[str], timeout: float
     return output
 
 
+def open_stream(port: int):
+    """A streamed chat on the running demo, read up to its first piece of text."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    while b'"content"' not in response.readline():
+        pass
+    return response
+
+
 def test_sigterm_stops_the_demo_and_its_http_api(tmp_path):
     http_port = free_port()
     proc = launch(
@@ -92,8 +107,12 @@ def test_sigterm_stops_the_demo_and_its_http_api(tmp_path):
     except BaseException:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
+    stream = open_stream(http_port)  # in flight when SIGTERM arrives
     output = terminate_and_check(proc, lines)
     assert "stopped: service, HTTP API and dashboard" in output
+    events = [line for line in stream.read().decode().splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]", events[-3:]  # the request in flight finished before the API went
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5)
         raise AssertionError("the HTTP API still answers")
