@@ -101,7 +101,7 @@ def start(args) -> int:
         max_batch_tokens=args.max_batch_tokens,
         detached=True,
     )
-    with _ray(args.address) as ray:
+    with _ray(args.address) as ray, stop_on_sigterm():  # a SIGTERM mid-start undoes what was started
         started = _service_error(start_service, spec)
         cfg = ray.get(started.router.config.remote())
         health = ray.get([h.health.remote() for h in started.workers.values()])
