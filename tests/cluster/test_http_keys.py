@@ -107,9 +107,17 @@ def test_an_open_bind_without_keys_is_refused(ray_local):
         start_http("t-none", free_port(), host="0.0.0.0")
 
 
-def test_no_live_worker_is_a_503(keyed):  # last: it kills the service's only worker
+def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_then_503s(keyed):  # last: kills the only worker
     acme = client_for(keyed, "acme")
+    messages = [{"role": "user", "content": "a long answer please"}]
+    stream = acme.chat.completions.create(model="demo", messages=messages, max_tokens=3000, stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)  # text is flowing: the status line (200) has been sent
     ray.kill(ray.get_actor(worker_actor_name("t-keys", "worker-0"), namespace=NAMESPACE), no_restart=True)
+    with pytest.raises(openai.APIError) as e:  # the client raises on the error event inside the stream
+        for _ in chunks:
+            pass
+    assert "died after streaming" in str(e.value) and "resend the request" in str(e.value)
     with pytest.raises(openai.InternalServerError) as e:
         ask(acme)
     assert e.value.status_code == 503 and "no live worker" in e.value.message
