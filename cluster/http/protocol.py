@@ -36,7 +36,6 @@ NEUTRAL = {
     "logit_bias": _none_or({}),
     "logprobs": _none_or(False),
     "top_logprobs": _none_or(0),
-    "user": lambda v: v is None or isinstance(v, str),
     "metadata": _ANY,
     "store": _ANY,
     "service_tier": _ANY,
@@ -65,6 +64,7 @@ SUPPORTED = {
     "stream",
     "stream_options",
     "cache_salt",
+    "user",  # an end-user id for the caller's own records; checked, changes nothing
 }
 
 
@@ -157,6 +157,7 @@ def _common(body: dict[str, Any], *, chat: bool) -> Parsed:
         "stop": _stop(body.get("stop")),
         "cache_salt": _opt_str(body.get("cache_salt"), "cache_salt"),
     }
+    _opt_str(body.get("user"), "user")
     return p
 
 

@@ -124,7 +124,7 @@ def test_completions_plain_and_streaming(client):
 
 
 def test_stop_seed_and_concurrent_requests(client):
-    r = chat(client, "What is the capital of France?", stop=[" Paris"])
+    r = chat(client, "What is the capital of France?", stop=[" Paris"], user="alice")
     assert r.choices[0].message.content == "The capital of France is" and r.choices[0].finish_reason == "stop"
     a, b = (chat(client, "Name a river.", temperature=0.8, seed=7, max_tokens=8) for _ in range(2))
     assert a.choices[0].message.content == b.choices[0].message.content  # a seed makes sampling repeatable
@@ -193,6 +193,7 @@ def error_of(status_body, status):
         ({"stop": ["a"] * 17}, "stop", "at most 16"),
         ({"seed": -1}, "seed", "integer >= 0"),
         ({"model": None}, "model", "'model' is required"),
+        ({"user": 42}, "user", "non-empty string or null"),
     ],
 )
 def test_bad_fields_are_400s_that_name_them(svc, client, patch, param, words):
