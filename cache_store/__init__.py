@@ -5,7 +5,7 @@ from cache_store.counters import Counters
 from cache_store.embedded import EmbeddedRedis
 from cache_store.errors import CacheStoreError, ConfigError, Fenced, IndexAuthError, IndexUnavailable, PoolExhausted
 from cache_store.hashing import BlockHash, block_chain, block_hash, namespace, root_hash, token_blocks
-from cache_store.index import Holding, MetadataIndex, redact
+from cache_store.index import BlockCounts, Holding, MetadataIndex, redact
 from cache_store.kv_pool import KVPool, KVShape
 from cache_store.lease import LeaseKeeper
 from cache_store.policy import LFU, LRU, Priority, make_policy
@@ -18,6 +18,7 @@ __all__ = [
     "HOST",
     "LFU",
     "LRU",
+    "BlockCounts",
     "BlockHash",
     "BlockRef",
     "CacheConfig",

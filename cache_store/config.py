@@ -6,10 +6,11 @@ import re
 from dataclasses import dataclass
 
 from cache_store.errors import ConfigError
+from cache_store.policy import POLICIES
 
 GIB = 1 << 30
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-EVICTION_POLICIES = ("lru", "slru", "lfu", "priority")
+EVICTION_POLICIES = tuple(POLICIES)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class CacheConfig:
     device_bytes: int = GIB // 2
     host_bytes: int = GIB
     eviction: str = "lru"  # see cache_store.policy for the others and why LRU is the default
+    duplicates_first: bool = True  # evict blocks another worker also holds first (policy.DuplicatesFirst)
     service: str = "default"  # Redis key namespace: one per deployment
     lease_ttl_s: float = 10.0  # a worker silent this long stops being routed to
     heartbeat_s: float = 2.0

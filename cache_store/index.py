@@ -10,6 +10,8 @@ share a Redis Cluster slot and the Lua scripts may touch them together):
     pfx:{svc}:workers          SET   every worker id ever registered
     pfx:{svc}:c:<worker>       HASH  monotonic counters (HINCRBY)
     pfx:{svc}:service          HASH  service facts (model fingerprint, block size), msgpack values
+    pfx:{svc}:copies           HASH  stored (block entries) and distinct (blocks with any entry), kept
+                                     exact by the publish and purge scripts
 
 Why generations: a worker that restarts under the same id gets a new
 generation; entries tagged with an older one are ignored by `holders` and
@@ -102,6 +104,45 @@ return existed
 """
 
 
+# KEYS: worker's purge set, copies hash, then one block key per event. ARGV: worker, then per event
+# op ("add" | "remove"), value, hash hex. Keeps `stored` / `distinct` exact in the same atomic step.
+_PUBLISH_LUA = """
+local worker = ARGV[1]
+local stored, distinct = 0, 0
+for i = 3, #KEYS do
+  local a = 2 + (i - 3) * 3
+  local op, value, hex = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  if op == 'remove' then
+    if redis.call('HDEL', KEYS[i], worker) == 1 then
+      stored = stored - 1
+      if redis.call('EXISTS', KEYS[i]) == 0 then distinct = distinct - 1 end
+    end
+    redis.call('SREM', KEYS[1], hex)
+  else
+    if redis.call('HSET', KEYS[i], worker, value) == 1 then
+      stored = stored + 1
+      if redis.call('HLEN', KEYS[i]) == 1 then distinct = distinct + 1 end
+    end
+    redis.call('SADD', KEYS[1], hex)
+  end
+end
+if stored ~= 0 then redis.call('HINCRBY', KEYS[2], 'stored', stored) end
+if distinct ~= 0 then redis.call('HINCRBY', KEYS[2], 'distinct', distinct) end
+return stored
+"""
+
+
+class BlockCounts(NamedTuple):
+    """Cluster-wide: block copies held (`stored`) and different blocks among them (`distinct`)."""
+
+    stored: int
+    distinct: int
+
+    @property
+    def duplicates(self) -> int:
+        return self.stored - self.distinct
+
+
 class Holding(NamedTuple):
     """One live worker's hold on a chain: its leading run of blocks, and how many are on device."""
 
@@ -155,6 +196,7 @@ class MetadataIndex:
         self._p = f"pfx:{{{svc}}}:"
         self._holders = self._r.register_script(_HOLDERS_LUA)
         self._heartbeat = self._r.register_script(_HEARTBEAT_LUA)
+        self._publish = self._r.register_script(_PUBLISH_LUA)
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._last_error = ""
@@ -241,24 +283,35 @@ class MetadataIndex:
         ]
         return sorted(out, key=lambda h: (-h.blocks, -h.device_blocks, h.worker_id))
 
+    def holder_counts(self, hashes: Sequence[BlockHash]) -> dict[BlockHash, int]:
+        """How many workers have an entry for each block, in ONE pipelined round trip (HLEN each).
+
+        For duplicates-first eviction, which needs "is this a copy", not who is alive: an entry of a
+        worker whose lease just lapsed still counts until it is reaped, which can only make a block
+        look like a copy for that long.
+        """
+        if not hashes:
+            return {}
+
+        def run() -> list:
+            pipe = self._r.pipeline(transaction=False)
+            for h in hashes:
+                pipe.hlen(self._block_key(h))
+            return pipe.execute()
+
+        return {h: int(n) for h, n in zip(hashes, self._call(run))}
+
     def publish(self, worker_id: str, generation: int, events: Sequence[tuple[Op, BlockHash, str]]) -> None:
-        """Apply a batch of (op, hash, tier) changes of one worker in one pipelined write."""
+        """Apply a batch of (op, hash, tier) changes of one worker in one atomic script call."""
         if not events:
             return
-        wb = self._k("wb", worker_id)
-
-        def run() -> None:
-            pipe = self._r.pipeline(transaction=False)
-            for op, h, tier in events:
-                if op == "remove":
-                    pipe.hdel(self._block_key(h), worker_id)
-                    pipe.srem(wb, h.hex())
-                else:
-                    pipe.hset(self._block_key(h), worker_id, f"{generation}:{TIER_CODE[tier]}")
-                    pipe.sadd(wb, h.hex())
-            pipe.execute()
-
-        self._call(run)
+        keys = [self._k("wb", worker_id), self._k("copies")]
+        args: list[str] = [worker_id]
+        for op, h, tier in events:
+            keys.append(self._block_key(h))
+            value = "" if op == "remove" else f"{generation}:{TIER_CODE[tier]}"
+            args += ["remove" if op == "remove" else "add", value, h.hex()]
+        self._call(lambda: self._publish(keys=keys, args=args))
 
     def replace_blocks(self, worker_id: str, generation: int, blocks: Iterable[tuple[BlockHash, str]]) -> None:
         """Make the index hold exactly `blocks` for this worker (after an outage or a restart)."""
@@ -282,10 +335,10 @@ class MetadataIndex:
                 # SSCAN over this worker's own set, never over the keyspace.
                 cursor, members = self._r.sscan(wb, cursor=cursor, count=_PURGE_CHUNK)
                 if members:
-                    pipe = self._r.pipeline(transaction=False)
-                    for hx in members:
-                        pipe.hdel(f"{self._p}b:{_s(hx)}", worker_id)
-                    removed += sum(pipe.execute())
+                    hexes = [_s(hx) for hx in members]
+                    keys = [wb, self._k("copies")] + [f"{self._p}b:{hx}" for hx in hexes]
+                    args = [worker_id] + [x for hx in hexes for x in ("remove", "", hx)]
+                    removed -= int(self._publish(keys=keys, args=args))
                 if cursor == 0:
                     break
             self._r.delete(wb)
@@ -468,6 +521,11 @@ class MetadataIndex:
     def service_info(self) -> dict[str, object]:
         raw = self._call(lambda: self._r.hgetall(self._k("service")))
         return {_s(k): msgpack.unpackb(v) for k, v in raw.items()}
+
+    def block_counts(self) -> BlockCounts:
+        """Block copies and distinct blocks cluster-wide (dead workers' entries count until reaped)."""
+        raw = self._call(lambda: self._r.hmget(self._k("copies"), "stored", "distinct"))
+        return BlockCounts(*(int(x or 0) for x in raw))
 
     def block_entries(self, h: BlockHash) -> dict[str, str]:
         """Raw holder entries of one block (for tests and the dashboard)."""

@@ -5,7 +5,9 @@ One daemon thread; every `heartbeat_s` it
   2. renews the lease with load gauges and flushes counter deltas (one round trip),
   3. re-publishes the whole store if the lease had lapsed or a publish failed
      (Redis restarted empty, or was down past the TTL),
-  4. every few beats, purges the entries of workers whose lease expired.
+  4. every few beats, purges the entries of workers whose lease expired,
+  5. refreshes the store's view of how many workers hold each block it may
+     evict next (one pipelined read), for duplicates-first eviction.
 It never raises on an outage: it records `connected = False` and tries again
 on the next beat, while the store serves from its local tiers.
 """
@@ -78,6 +80,7 @@ class LeaseKeeper:
             self._beats += 1
             if self._beats % self._reap_every == 0:
                 self.index.reap_dead()
+            self.store.refresh_copies()
             self.connected, self.last_error = True, ""
         except Fenced as e:
             log.error("%s; this instance stops publishing", e)

@@ -15,6 +15,8 @@ class NodeStats(Protocol):
     last_access: int
     hits: int
     priority: int
+    copies: int  # workers holding the block cluster-wide (1 when unknown)
+    protected: bool  # in the tree's protected segment (bounded SLRU bookkeeping)
 
 
 class EvictionPolicy(Protocol):
@@ -48,6 +50,24 @@ class SegmentedLRU:
         return (min(node.hits, 1), node.last_access)
 
 
+class BoundedSLRU:
+    """Segmented LRU with a bounded protected segment: reused blocks are protected, up to
+    `protected_fraction` of the tier; past that the least recently used protected block is
+    demoted to probation. Probation (new blocks, demoted ones) goes first, LRU within a segment.
+
+    Why bounded: the unbounded `slru` protects every block ever reused, so a cache full of old
+    reused blocks evicts every new block first, including a live chat's last turn (chat hit rate
+    26% vs LRU's 64%). With a cap, one-shot questions still cannot push out hot system prompts
+    (they churn through probation), and the newest turns always have room.
+    """
+
+    name = "bounded_slru"
+    protected_fraction = 0.5
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (int(node.protected), node.last_access)
+
+
 class LFU:
     """Fewest hits first; among equals, least recently used."""
 
@@ -66,11 +86,29 @@ class Priority:
         return (node.priority, node.last_access)
 
 
-POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, SegmentedLRU, LFU, Priority)}
+class DuplicatesFirst:
+    """Blocks that another worker also holds go first, then `base` order among equals.
+
+    Losing a duplicate costs the cluster nothing it cannot fetch back (a peer still has it); losing
+    a sole copy costs a recompute. So when room must be made, copies go before sole blocks. `copies`
+    is a local view refreshed in batch from the index (`TieredStore.refresh_copies`), never read
+    per eviction; with no refresh every block counts 1 and this is exactly `base`.
+    """
+
+    def __init__(self, base: EvictionPolicy):
+        self.base = base
+        self.name = f"{base.name}+duplicates_first"
+
+    def key(self, node: NodeStats) -> tuple[int, ...]:
+        return (int(node.copies <= 1), *self.base.key(node))
 
 
-def make_policy(name: str) -> EvictionPolicy:
+POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, SegmentedLRU, BoundedSLRU, LFU, Priority)}
+
+
+def make_policy(name: str, *, duplicates_first: bool = False) -> EvictionPolicy:
     try:
-        return POLICIES[name]()
+        policy = POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown eviction policy {name!r}; choose one of {sorted(POLICIES)}") from None
+    return DuplicatesFirst(policy) if duplicates_first else policy

@@ -101,7 +101,11 @@ class TieredStore:
                 f"raise it to at least {shape.block_bytes}"
             )
         self.host_pool = KVPool.from_budget(shape, config.host_bytes, "cpu", pin_memory=self.device.type == "cuda")
-        self.tree = PrefixTree(make_policy(config.eviction))
+        self.tree = PrefixTree(make_policy(config.eviction, duplicates_first=config.duplicates_first))
+        fraction = getattr(getattr(self.tree.policy, "base", self.tree.policy), "protected_fraction", None)
+        if fraction is not None:  # a bounded protected segment: a share of each tier
+            self.tree.set_protected_limit(DEVICE, int(fraction * self.device_pool.capacity))
+            self.tree.set_protected_limit(HOST, int(fraction * self.host_pool.capacity))
         self.counters = Counters()
         self._lock = threading.RLock()
         self._user_pins: dict[BlockHash, list[Hold]] = {}
@@ -150,6 +154,20 @@ class TieredStore:
             self._index.publish(self._worker_id, self._generation, events)
         except IndexUnavailable:
             self._dirty = True
+
+    def refresh_copies(self) -> int:
+        """Read, in one batched index call, how many workers hold each block that could be evicted next,
+        for duplicates-first eviction. Call it periodically (e.g. with the heartbeat), never per
+        eviction; the index is read outside the store lock. Returns blocks refreshed (0: no index).
+        Raises IndexUnavailable; a failed refresh leaves the last view in place."""
+        with self._lock:
+            if self._index is None or not self.config.duplicates_first:
+                return 0
+            index, hashes = self._index, self.tree.candidates()
+        counts = index.holder_counts(hashes) if hashes else {}
+        with self._lock:
+            self.tree.set_copies(counts)
+        return len(counts)
 
     # ---- requests --------------------------------------------------------
 
@@ -320,6 +338,8 @@ class TieredStore:
             for idx, t in parts:
                 kv[idx] = t
             self.counters.add("exported_blocks", len(refs))
+            # a peer is about to hold these too: until the next refresh says otherwise, they are copies
+            self.tree.set_copies({r.hash: 2 for r in refs})
             return Exported([r.hash for r in refs], [self.tree.tokens(r.hash) for r in refs], kv)
 
     # ---- operator controls -------------------------------------------------

@@ -20,7 +20,8 @@ Not thread-safe; `TieredStore` serializes access under its lock.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Literal, NamedTuple
 
 from cache_store.hashing import BlockHash
@@ -59,6 +60,8 @@ class _Node:
         "priority",
         "device_children",
         "depth",
+        "copies",
+        "protected",
     )
 
     def __init__(self, hash_, parent, tokens, tier, slot, clock):
@@ -74,6 +77,8 @@ class _Node:
         self.priority = 0
         self.device_children = 0
         self.depth = 0 if parent is None else parent.depth + 1
+        self.copies = 1  # workers holding this block cluster-wide, as last read from the index (1: unknown)
+        self.protected = False  # in its tier's protected segment (reused, and among the newest reused)
 
     def ref(self) -> BlockRef:
         return BlockRef(self.hash, self.tier, self.slot)
@@ -97,6 +102,10 @@ class PrefixTree:
         self._drop: dict[Tier, set[BlockHash]] = {DEVICE: set(), HOST: set()}
         self._pinned: dict[Tier, int] = {DEVICE: 0, HOST: 0}
         self._count: dict[Tier, int] = {DEVICE: 0, HOST: 0}
+        # Protected segment per tier (bounded SLRU): reused blocks, least recently used first; past
+        # the limit the oldest is demoted to probation. None: unbounded (every reused block stays).
+        self._protected: dict[Tier, OrderedDict[BlockHash, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
+        self._protected_limit: dict[Tier, int | None] = {DEVICE: None, HOST: None}
 
     # ---- queries -------------------------------------------------------
 
@@ -168,16 +177,56 @@ class PrefixTree:
         self._refresh(node, pnode)
 
     def touch(self, hashes: Iterable[BlockHash]) -> None:
-        """Record a use of these blocks (one clock tick for the whole path)."""
+        """Record a use of these blocks (one clock tick for the whole path); a reuse protects them."""
         self._clock += 1
         for h in hashes:
             node = self._nodes[h]
             node.last_access = self._clock
             node.hits += 1
+            self._protect(node)
+        for tier in (DEVICE, HOST):
+            self._demote_excess(tier)
+
+    def set_protected_limit(self, tier: Tier, limit: int | None) -> None:
+        """Cap the protected segment of `tier` at `limit` blocks (None: unbounded)."""
+        self._protected_limit[tier] = limit
+        self._demote_excess(tier)
+
+    def protected_count(self, tier: Tier) -> int:
+        return len(self._protected[tier])
+
+    def _protect(self, node: _Node) -> None:
+        seg = self._protected[node.tier]
+        seg[node.hash] = None
+        seg.move_to_end(node.hash)
+        node.protected = True
+
+    def _unprotect(self, node: _Node) -> None:
+        if node.protected:
+            self._protected[node.tier].pop(node.hash, None)
+            node.protected = False
+
+    def _demote_excess(self, tier: Tier) -> None:
+        """Oldest protected blocks back to probation until the segment fits its limit."""
+        limit, seg = self._protected_limit[tier], self._protected[tier]
+        while limit is not None and len(seg) > limit:
+            h, _ = seg.popitem(last=False)
+            self._nodes[h].protected = False
 
     def set_priority(self, hashes: Iterable[BlockHash], priority: int) -> None:
         for h in hashes:
             self._nodes[h].priority = priority
+
+    def set_copies(self, counts: Mapping[BlockHash, int]) -> None:
+        """Record how many workers hold each block (a batched read of the index; absent hashes are skipped)."""
+        for h, n in counts.items():
+            node = self._nodes.get(h)
+            if node is not None:
+                node.copies = max(1, n)
+
+    def candidates(self) -> list[BlockHash]:
+        """Blocks that could be chosen by the next eviction (unpinned leaves of either kind)."""
+        return list(self._spill.union(self._drop[DEVICE], self._drop[HOST]))
 
     def pin(self, hashes: Iterable[BlockHash]) -> None:
         for h in hashes:
@@ -205,6 +254,8 @@ class PrefixTree:
         if tier == HOST and node.device_children:
             raise ValueError("spill the children first: a device block's parent must be on device")
         if tier != node.tier:
+            was_protected = node.protected
+            self._unprotect(node)
             self._count[node.tier] -= 1
             self._count[tier] += 1
             if node.refs:
@@ -212,6 +263,10 @@ class PrefixTree:
                 self._pinned[tier] += 1
             if node.parent is not None:
                 node.parent.device_children += 1 if tier == DEVICE else -1
+            node.tier = tier
+            if was_protected:
+                self._protect(node)
+                self._demote_excess(tier)
         node.tier, node.slot = tier, slot
         self._refresh(node, node.parent)
 
@@ -220,6 +275,7 @@ class PrefixTree:
         node = self._nodes[h]
         if node.children or node.refs:
             raise ValueError(f"block {h.hex()} is pinned or has children; only unpinned leaves are removed")
+        self._unprotect(node)
         del self._nodes[h]
         self._count[node.tier] -= 1
         self._spill.discard(h)

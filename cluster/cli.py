@@ -9,6 +9,7 @@
     prefixcache submit FILE.jsonl --jobs http://HOST:8265 --out results.jsonl   (as a Ray Job)
     prefixcache dashboard --redis-url URL
     prefixcache bench [--quick]
+    prefixcache simulate --trace FILE.jsonl --workers N --capacity-blocks B [--policy NAME|all] [--json]
     prefixcache demo-model DIR
 
 Exit codes: 0 ok, 1 some requests failed (submit), 2 bad usage or the service could not be reached.
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eviction",
         default="lru",
-        choices=["lru", "slru", "lfu", "priority"],
-        help="lru (default); slru: blocks never reused go first (protects shared prefixes, can starve chat turns)",
+        help="lru (default), bounded_slru, slru, lfu, priority (cache_store.policy); bounded_slru protects reused "
+        "blocks up to half the tier; slru protects them all (can starve chat turns)",
     )
     p.add_argument(
         "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
@@ -187,6 +188,35 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BENCH_PARTS,
         help="rerun one part, keeping the other's numbers from OUT/bench-results.json",
     )
+
+    p = sub.add_parser(
+        "simulate", help="replay a request trace through the real router and eviction on simulated workers"
+    )
+    p.add_argument("--trace", required=True, help="JSONL in the Mooncake format (timestamp, input_length, hash_ids)")
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--capacity-blocks", type=int, required=True, help="cache blocks (of 512 tokens) per worker")
+    p.add_argument("--policy", default="all", help="a routing policy name, or 'all' (default)")
+    p.add_argument("--eviction", default="lru", help="eviction policy of every worker's cache (default lru)")
+    p.add_argument(
+        "--no-duplicates-first", action="store_true", help="plain eviction order (ignore copies other workers hold)"
+    )
+    p.add_argument(
+        "--routers", type=int, default=1, help="stateless router replicas sharing the index (arrivals dealt in turn)"
+    )
+    p.add_argument(
+        "--router-affinity",
+        default="prefix",
+        help="how requests are dealt to router replicas: prefix (hash of the first block) or round_robin",
+    )
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument("--json", action="store_true", help="one JSON object keyed by policy name")
+    for flag, text in (
+        ("--prefill-ms-per-token", "prefill time per uncached prompt token"),
+        ("--decode-ms-per-token", "worker time per generated token"),
+        ("--transfer-ms-per-block", "peer fetch time per block"),
+        ("--transfer-overhead-ms", "fixed time per peer fetch"),
+    ):
+        p.add_argument(flag, type=float, default=None, help=f"{text} (default: cluster.simulate.timing)")
 
     p = sub.add_parser("demo-model", help="write the built-in demo model in Hugging Face format")
     p.add_argument("dir")

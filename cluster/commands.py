@@ -334,6 +334,15 @@ def bench(args) -> int:
     return EXIT_OK
 
 
+def simulate(args) -> int:
+    from cluster.simulate.command import run
+
+    try:
+        return run(args)
+    except (OSError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
 def demo_model(args) -> int:
     from worker.demo_model import write_demo_model
 

@@ -131,16 +131,18 @@ class CacheAware:
                 key=lambda iw: (x.inflight.get(iw[1], 0), x.prefixes.get(iw[1], 0), (iw[0] - x.turn) % n),
             )[1]
             return Placement(w, 0, None, "load", 0)
+        top = _top_two(expect)
         best_key, best = None, None
-        for i, w in enumerate(x.workers):
-            cost, placement = self._estimate(x, w, actual, expect)
+        for i, w in _shortlist(x, expect):
+            elsewhere = top[0][0] if top[0][1] != w else top[1][0]
+            cost, placement = self._estimate(x, w, actual, expect, elsewhere)
             key = (round(cost, 9), x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
             if best_key is None or key < best_key:
                 best_key, best = key, placement
         return best
 
     def _estimate(
-        self, x: PlacementInput, w: str, actual: Mapping[str, Holding], expect: Mapping[str, int]
+        self, x: PlacementInput, w: str, actual: Mapping[str, Holding], expect: Mapping[str, int], elsewhere: int
     ) -> tuple[float, Placement]:
         c = x.costs.get(w, WorkerCosts())
         local = expect[w]
@@ -155,9 +157,9 @@ class CacheAware:
                 if c.fetch_s(extra) < extra * x.block_size * c.prefill_s_per_token:
                     peer, fetch = (top.worker_id, top.blocks), extra
         cached_tokens = min((local + fetch) * x.block_size, x.prompt_tokens - 1)
-        # Blocks another worker holds (or is computing) that this one would compute again: that
-        # time is lost to the cluster too, so it weighs against spreading a burst.
-        elsewhere = max((b for v, b in expect.items() if v != w), default=0)
+        # Blocks another worker holds (or is computing) that this one would compute again (`elsewhere`:
+        # the most any other worker has): that time is lost to the cluster too, so it weighs against
+        # spreading a burst.
         duplicated = max(0, elsewhere - local - fetch) * x.block_size
         cost = (
             (x.prompt_tokens - cached_tokens) * c.prefill_s_per_token
@@ -191,6 +193,38 @@ def make_policy(name: str) -> Policy:
         return POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}") from None
+
+
+def _top_two(expect: Mapping[str, int]) -> list[tuple[int, str | None]]:
+    """The two largest (blocks, worker) of `expect`, padded with (0, None): O(workers), so the most
+    blocks any *other* worker has is known for every worker without an O(workers^2) scan."""
+    top: list[tuple[int, str | None]] = [(0, None), (0, None)]
+    for w, b in expect.items():
+        if b > top[0][0]:
+            top = [(b, w), top[0]]
+        elif b > top[1][0]:
+            top[1] = (b, w)
+    return top
+
+
+def _shortlist(x: PlacementInput, expect: Mapping[str, int]) -> list[tuple[int, str]]:
+    """(position, worker) pairs that can win: every worker holding or computing part of the chain,
+    and, among the rest, the least loaded of each cost profile. Workers without a block of the chain
+    and with equal costs differ only in load (their cache terms are identical), so the others cannot
+    win; at 1,000 workers this keeps a placement to the holders plus a few."""
+    n = len(x.workers)
+    out: list[tuple[int, str]] = []
+    idle: dict[WorkerCosts, tuple[tuple, int, str]] = {}
+    for i, w in enumerate(x.workers):
+        if expect.get(w, 0) > 0:
+            out.append((i, w))
+            continue
+        c = x.costs.get(w, WorkerCosts())
+        key = (x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
+        if c not in idle or key < idle[c][0]:
+            idle[c] = (key, i, w)
+    out += [(i, w) for _, i, w in idle.values()]
+    return out
 
 
 def _held(x: PlacementInput, w: str) -> tuple[int, int]:

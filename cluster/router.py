@@ -174,17 +174,24 @@ class Router:
         return load
 
     def _predicted(self, chain, candidates) -> dict[str, int]:
-        """(Lock held.) Leading blocks of `chain` that requests in flight will leave on each worker."""
-        out = {}
-        for w in candidates:
-            n = 0
-            for h in chain:
-                if not self._pending.get(bytes(h), {}).get(w):
-                    break
-                n += 1
-            if n:
-                out[w] = n
-        return out
+        """(Lock held.) Leading blocks of `chain` that requests in flight will leave on each worker.
+
+        Walks the chain once, narrowing the set of workers whose run continues (as the index's
+        holders script does), so the cost follows the pending workers, not the cluster size."""
+        out: dict[str, int] = {}
+        live: set[str] | None = None
+        for i, h in enumerate(chain):
+            pending = self._pending.get(bytes(h))
+            if not pending:
+                break
+            now = {w for w, c in pending.items() if c > 0 and (live is None or w in live)}
+            if not now:
+                break
+            for w in now:
+                out[w] = i + 1
+            live = now
+        cand = set(candidates)
+        return {w: n for w, n in out.items() if w in cand}
 
     def _remember(self, chain, worker: str, holdings: list[Holding] | None) -> None:
         """(Lock held.) Record a placement for predictions and the hashes seen held."""

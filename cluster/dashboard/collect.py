@@ -124,6 +124,7 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
         }
         for hx, tokens, tenant, hits in prefixes
     ]
+    counts = index.block_counts()
     samples = index.history(history)
     return {
         "service": index.config.service,
@@ -131,6 +132,8 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
         "index_available": True,
         "model": {k: info.get(k) for k in ("model", "fingerprint", "block_size", "policy")},
         "workers_alive": sum(w["alive"] for w in workers),
+        # cluster-wide: copies held vs different blocks; the gap is capacity spent on duplicates
+        "blocks": {"stored": counts.stored, "distinct": counts.distinct, "duplicates": counts.duplicates},
         "totals": totals,
         "workers": workers,
         "per_worker_counters": summary["per_worker"],

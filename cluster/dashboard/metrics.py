@@ -60,6 +60,8 @@ class _SnapshotCollector:
         yield from counters.values()
         yield from (cached, ttft, saved)
 
+        yield from _block_gauges(s.get("blocks", {}))
+
         alive = GaugeMetricFamily("prefixcache_worker_up", "1 while the worker holds its lease", labels=["worker"])
         queue = GaugeMetricFamily(
             "prefixcache_queue_depth", "Requests queued or running on the worker", labels=["worker"]
@@ -104,3 +106,14 @@ def render(snapshot: dict[str, Any] | None) -> bytes:
     registry = CollectorRegistry()
     registry.register(_SnapshotCollector(snapshot))
     return generate_latest(registry)
+
+
+def _block_gauges(blocks: dict[str, int]):
+    """Cluster-wide block copies vs distinct blocks (from the index's exact counters)."""
+    for key, text in (
+        ("stored", "KV block copies held cluster-wide (every worker's, all tiers)"),
+        ("distinct", "Different KV blocks held cluster-wide"),
+    ):
+        g = GaugeMetricFamily(f"prefixcache_blocks_{key}", text)
+        g.add_metric([], blocks.get(key, 0))
+        yield g

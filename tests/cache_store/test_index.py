@@ -166,3 +166,20 @@ def test_redact_hides_password():
     assert redact("redis://:s3cret@h:1/0") == "redis://:***@h:1/0"
     assert redact("redis://u:s3cret@h:1") == "redis://u:***@h:1"
     assert redact("redis://h:1") == "redis://h:1"
+
+
+def test_stored_and_distinct_blocks_stay_exact(valkey):
+    idx = MetadataIndex(valkey.url)
+    ga, gb = idx.register("a"), idx.register("b")
+    h, _ = chain(list(range(16)))  # 4 blocks
+    idx.publish("a", ga, adds(h))
+    idx.publish("b", gb, adds(h[:2]))
+    idx.publish("a", ga, adds(h[:1], "host"))  # a move: no new copy
+    assert idx.block_counts() == (6, 4)
+    assert idx.block_counts().duplicates == 2
+    idx.publish("a", ga, [("remove", h[3], "device"), ("remove", h[3], "device")])  # twice: counted once
+    assert idx.block_counts() == (5, 3)
+    idx.purge_worker("a")
+    assert idx.block_counts() == (2, 2)
+    idx.deregister("b", gb)
+    assert idx.block_counts() == (0, 0)

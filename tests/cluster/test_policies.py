@@ -78,3 +78,37 @@ def test_make_policy_names():
         assert "choose one of" in str(e)
     else:
         raise AssertionError("unknown policy accepted")
+
+
+def test_the_shortlist_places_exactly_as_a_scan_of_every_worker(monkeypatch):
+    """Placement at 1,000 workers evaluates holders plus the least loaded of the rest; on random
+    inputs (mixed costs, loads, holdings, predictions) it must pick what scoring everyone picks."""
+    import random
+
+    import cluster.policies as policies
+
+    rng = random.Random(5)
+    workers = [f"w{i}" for i in range(40)]
+    profiles = [FAST_LINK, WorkerCosts(prefill_s_per_token=2e-3, transfer_s_per_block=5e-4, transfer_overhead_s=2e-3)]
+    scan_all = lambda x, expect: list(enumerate(x.workers))  # noqa: E731
+    for trial in range(300):
+        holders = rng.sample(workers, rng.randint(0, 4))
+        held = [Holding(w, rng.randint(1, 10), rng.randint(0, 3), 1) for w in holders]
+        x_ = PlacementInput(
+            170,
+            16,
+            CHAIN,
+            workers,
+            {w: rng.randint(0, 3) for w in workers if rng.random() < 0.5},
+            held,
+            {w: rng.choice(profiles) for w in workers},
+            rng.choice([0.05, 0.5]),
+            {w: rng.randint(0, 5) for w in workers if rng.random() < 0.3},
+            trial,
+            {w: rng.randint(1, 10) for w in rng.sample(workers, rng.randint(0, 2))},
+        )
+        fast = CacheAware().place(x_)
+        monkeypatch.setattr(policies, "_shortlist", scan_all)
+        slow = CacheAware().place(x_)
+        monkeypatch.undo()
+        assert fast == slow, trial

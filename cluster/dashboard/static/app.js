@@ -47,6 +47,9 @@ function renderKpis(s) {
   const audit = t.audit_checked ? ` · audit: ${num(t.audit_checked)} hits re-checked, ${num(t.audit_mismatches)} mismatches` : "";
   $("kpi-ttft").textContent = t.requests ? `mean TTFT ${secs(t.mean_ttft_s)}${audit}` : "";
   $("kpi-workers").textContent = `${s.workers_alive} / ${s.workers.length}`;
+  const b = s.blocks || { stored: 0, distinct: 0, duplicates: 0 };
+  $("kpi-distinct").textContent = num(b.distinct);
+  $("kpi-stored").textContent = `${num(b.stored)} stored · ${num(b.duplicates)} duplicate copies`;
   const m = s.model || {};
   $("kpi-model").textContent = m.model ? `model ${m.model} · block ${m.block_size} · ${m.policy}` : "";
 }

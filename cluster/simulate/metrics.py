@@ -1,0 +1,70 @@
+"""What one simulated run reports, and how it is computed from the run's outcomes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+
+class Outcome(NamedTuple):
+    worker_id: str
+    prompt_tokens: int
+    cached_tokens: int  # as the engine counts them: local + fetched blocks, the last token always recomputed
+    local_blocks: int
+    fetched_blocks: int
+    ttft_s: float
+
+
+@dataclass(frozen=True)
+class PolicyResult:
+    policy: str
+    requests: int
+    hit_rate: float  # cached prompt tokens / prompt tokens
+    vs_shared: float | None  # hit_rate / one_shared_cache's (filled in by the caller)
+    load_imbalance: float  # max / mean busy time over workers (1.0 = perfectly even)
+    ttft_p50_s: float
+    ttft_p99_s: float
+    peer_fetches: int
+    fetched_blocks: int
+    stored_blocks: int  # block copies held cluster-wide at the end
+    distinct_blocks: int  # different blocks among them
+    duplicate_blocks_mean: float  # stored - distinct, averaged over arrivals
+    miss_tokens: dict[str, int]  # the router's reasons: held_elsewhere, evicted, never_seen
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
+    return s[k]
+
+
+def summarize(policy: str, sim) -> PolicyResult:
+    out = sim.outcomes
+    prompt = sum(o.prompt_tokens for o in out)
+    busy = list(sim.busy_s.values())
+    mean_busy = sum(busy) / len(busy)
+    ttfts = [o.ttft_s for o in out]
+    counters: dict[str, int] = {}
+    for router in sim.routers:
+        for k, v in router.counters.snapshot().items():
+            counters[k] = counters.get(k, 0) + v
+    dup = sim.duplicate_samples
+    return PolicyResult(
+        policy=policy,
+        requests=len(out),
+        hit_rate=sum(o.cached_tokens for o in out) / prompt if prompt else 0.0,
+        vs_shared=None,
+        load_imbalance=max(busy) / mean_busy if mean_busy > 0 else 1.0,
+        ttft_p50_s=percentile(ttfts, 50),
+        ttft_p99_s=percentile(ttfts, 99),
+        peer_fetches=sum(1 for o in out if o.fetched_blocks),
+        fetched_blocks=sum(o.fetched_blocks for o in out),
+        stored_blocks=sim.index.stored,
+        distinct_blocks=sim.index.distinct,
+        duplicate_blocks_mean=sum(dup) / len(dup) if dup else 0.0,
+        miss_tokens={k[len("miss_tokens_") :]: v for k, v in counters.items() if k.startswith("miss_tokens_")},
+    )
