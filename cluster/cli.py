@@ -1,6 +1,6 @@
 """`prefixcache`: the one command-line entry point.
 
-    prefixcache demo                      local service + workload + table (+ dashboard)
+    prefixcache demo                      local service (smollm2) + chats over its HTTP API + table (+ dashboard)
     prefixcache start --address ADDR      start router + workers on a running Ray cluster
     prefixcache add-workers N --address ADDR   scale out
     prefixcache stop  --address ADDR      stop them (workers deregister from the index)
@@ -22,6 +22,8 @@ import logging
 import os
 import sys
 
+from cluster.bench import PARTS as BENCH_PARTS
+
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
 
@@ -38,6 +40,27 @@ def _address_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     )
 
 
+def _http_args(p: argparse.ArgumentParser, default_port: int | None) -> None:
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=default_port,
+        help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions) on this port"
+        + (f" (default {default_port})" if default_port else ""),
+    )
+    p.add_argument(
+        "--http-host",
+        default=None,
+        help="bind address of the HTTP API (default: 127.0.0.1; 0.0.0.0 with --api-keys)",
+    )
+    p.add_argument(
+        "--api-keys",
+        metavar="FILE",
+        default=None,
+        help="'KEY TENANT' per line: requests need 'Authorization: Bearer KEY'; each tenant gets its own cache salt",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixcache", description="A cluster-wide prefix (KV) cache for LLM inference."
@@ -45,12 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="local service, demo model, shared-system-prompt workload, results table")
+    p = sub.add_parser(
+        "demo", help="local service on a real instruct model; chats through its OpenAI-compatible API; results table"
+    )
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--questions", type=int, default=24, help="users asking on the shared system prompts")
-    p.add_argument("--port", type=int, default=8000, help="dashboard port")
+    p.add_argument(
+        "--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, default), demo (random weights) or a dir"
+    )
+    p.add_argument("--http-port", type=int, default=8000, help="port of the OpenAI-compatible API (default 8000)")
+    p.add_argument("--port", type=int, default=8080, help="dashboard port (default 8080)")
     p.add_argument("--no-dashboard", action="store_true")
-    p.add_argument("--no-wait", action="store_true", help="exit after the table instead of serving the dashboard")
+    p.add_argument(
+        "--no-wait", action="store_true", help="exit after the table instead of serving the API and dashboard"
+    )
 
     p = sub.add_parser("start", help="start router + workers on a running Ray cluster")
     _address_arg(p)
@@ -92,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         help="share of cache hits re-computed without the cache and compared (e.g. 0.01)",
+    )
+    _http_args(p, default_port=None)
+    p.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        help="requests each worker batches into one forward (default: 32 on CPU, 256 on GPU; 1 = one at a time)",
+    )
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="tokens per forward, decodes plus prefill chunks (default: 256 on CPU, 2048 on GPU)",
     )
 
     p = sub.add_parser("add-workers", help="scale out: start N more workers with the service's settings")
@@ -140,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark suite; writes BENCHMARKS.md and plots")
     p.add_argument("--quick", action="store_true", help="small sizes (under 5 minutes on 2 CPU cores)")
     p.add_argument("--out", default=".", help="directory for BENCHMARKS.md and plots")
+    p.add_argument(
+        "--only",
+        choices=BENCH_PARTS,
+        help="rerun one part, keeping the other's numbers from OUT/bench-results.json",
+    )
 
     p = sub.add_parser(
         "simulate", help="replay a request trace through the real router and eviction on simulated workers"

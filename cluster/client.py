@@ -17,10 +17,12 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import ray
 
+from cluster.http.server import start_http
 from cluster.raylink import init_ray
 from cluster.service import ServiceSpec, add_workers, find_router, start_service, stop_service
 from worker.actor import NAMESPACE
 from worker.request import Request, Result
+from worker.sequence import Chunk
 
 
 class Cluster:
@@ -31,6 +33,7 @@ class Cluster:
         self._owns_service = owns_service
         self._owns_ray = owns_ray
         self._config = ray.get(router.config.remote())
+        self.http_url: str | None = None  # the OpenAI-compatible API, when start() was given http_port
 
     # ---- construction -----------------------------------------------------------
 
@@ -43,12 +46,17 @@ class Cluster:
         redis_url: str | None = None,
         address: str | None = None,
         num_cpus: int | None = None,
+        http_port: int | None = None,
+        http_host: str | None = None,
+        api_keys: str | None = None,
         **settings,
     ) -> Cluster:
         """Start a service: on a local Ray (started here if none is running) or at `address`.
 
         `settings` are ServiceSpec fields: device_cache_gb, host_cache_gb, block_size, policy,
         eviction, service, dtype, cpus_per_worker, gpus_per_worker, detached, ...
+        With `http_port`, the OpenAI-compatible HTTP API serves it too (`c.http_url`); `api_keys` is a
+        file of 'KEY TENANT' lines (without one the API binds 127.0.0.1 only).
         """
         spec = ServiceSpec(workers=workers, model=model, redis_url=redis_url, **settings)
         owns_ray = not ray.is_initialized()
@@ -64,7 +72,14 @@ class Cluster:
             if owns_ray:
                 ray.shutdown()
             raise
-        return cls(started.router, service=spec.service, owns_service=True, owns_ray=owns_ray, actors=started)
+        c = cls(started.router, service=spec.service, owns_service=True, owns_ray=owns_ray, actors=started)
+        if http_port is not None:
+            try:
+                c.http_url = start_http(spec.service, http_port, host=http_host, api_keys=api_keys)
+            except BaseException:
+                c.shutdown()
+                raise
+        return c
 
     @classmethod
     def connect(cls, address: str = "auto", *, service: str = "default") -> Cluster:
@@ -101,6 +116,36 @@ class Cluster:
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
         return self.run(reqs, tenant=tenant)
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        cache_salt: str | None = None,
+        *,
+        tenant: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Chunks of text (with their token ids) as the worker generates them; the last chunk carries
+        the Result (`chunk.result`). Closing the iterator early cancels the request."""
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt)
+        gen = self._router.stream.options(num_returns="streaming").remote(req.to_dict(), tenant)
+        finished = False
+        try:
+            for ref in gen:
+                chunk = Chunk.from_dict(ray.get(ref))
+                finished = chunk.result is not None
+                yield chunk
+                if finished:
+                    return
+        finally:
+            if not finished:
+                ray.cancel(gen)
 
     def run(self, requests: Sequence[Request], *, tenant: str | None = None) -> list[Result]:
         refs = [self._router.generate.remote(r.to_dict(), tenant) for r in requests]

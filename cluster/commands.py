@@ -11,6 +11,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from cluster.lifecycle import stop_on_sigterm
+
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
 
@@ -57,16 +59,21 @@ def _service_error(fn, *a, **kw):
 
 def demo(args) -> int:
     from cluster.demo import run_demo
+    from cluster.service import ServiceError
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
-    run_demo(
-        workers=args.workers,
-        questions=args.questions,
-        dashboard=not args.no_dashboard,
-        port=args.port,
-        wait=not args.no_wait,
-    )
+    try:
+        run_demo(
+            model=args.model,
+            workers=args.workers,
+            http_port=args.http_port,
+            dashboard=not args.no_dashboard,
+            port=args.port,
+            wait=not args.no_wait,
+        )
+    except ServiceError as e:
+        raise UserError(str(e)) from None
     return EXIT_OK
 
 
@@ -90,21 +97,40 @@ def start(args) -> int:
         gpus_per_worker=args.gpus_per_worker,
         tenant_mode=args.tenant_mode,
         audit_fraction=args.audit_fraction,
+        max_running=args.max_running,
+        max_batch_tokens=args.max_batch_tokens,
         detached=True,
     )
-    with _ray(args.address) as ray:
+    with _ray(args.address) as ray, stop_on_sigterm():  # a SIGTERM mid-start undoes what was started
         started = _service_error(start_service, spec)
         cfg = ray.get(started.router.config.remote())
         health = ray.get([h.health.remote() for h in started.workers.values()])
+        url = _service_error(_start_http, args, spec.service) if args.http_port is not None else None
     print(f"service {spec.service!r} is up: {len(health)} workers, model {spec.model!r}, policy {spec.policy}")
     for h in health:
         print(f"  {h['worker_id']}: {h['device']} gpu_ids={h['gpu_ids']} node={h['node_id'][:12]}")
     print(f"  index: {redact(cfg['redis_url'])}")
+    if url:
+        from cluster.http.server import binding_note
+
+        print(f"  OpenAI-compatible API: {url}/v1   ({binding_note(args.http_host, bool(args.api_keys))})")
     print("next:")
     print(f"  prefixcache submit requests.jsonl --address ray://<head>:10001 --service {spec.service}")
     print(f"  prefixcache dashboard --redis-url <the URL above, with its password> --service {spec.service}")
     print(f"  prefixcache stop --address {args.address} --service {spec.service}")
     return EXIT_OK
+
+
+def _start_http(args, service: str) -> str:
+    """The HTTP API for a just-started service; if it cannot start, the service is stopped again."""
+    from cluster.http.server import start_http
+    from cluster.service import stop_service
+
+    try:
+        return start_http(service, args.http_port, host=args.http_host, api_keys=args.api_keys)
+    except BaseException:
+        stop_service(service)
+        raise
 
 
 def add_workers(args) -> int:
@@ -287,21 +313,24 @@ def dashboard(args) -> int:
     from cluster.dashboard.server import DashboardServer
 
     server = DashboardServer(args.redis_url, service=args.service, host=args.host, port=args.port, token=args.token)
-    server.start()
-    print(f"dashboard on {server.url} (JSON: /api/stats, Prometheus: /metrics); Ctrl-C to stop", file=sys.stderr)
-    try:
-        server.wait()
-    except KeyboardInterrupt:
-        pass  # Ctrl-C is how the dashboard is meant to stop
-    finally:
-        server.stop()
+    with stop_on_sigterm():  # before the line that tells whoever started us that we are up
+        try:
+            server.start()
+            print(
+                f"dashboard on {server.url} (JSON: /api/stats, Prometheus: /metrics); Ctrl-C to stop", file=sys.stderr
+            )
+            server.wait()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C (or SIGTERM) is how the dashboard is meant to stop
+        finally:
+            server.stop()
     return EXIT_OK
 
 
 def bench(args) -> int:
     from cluster.bench.suite import run_suite
 
-    run_suite(quick=args.quick, out_dir=Path(args.out))
+    run_suite(quick=args.quick, out_dir=Path(args.out), only=args.only)
     return EXIT_OK
 
 

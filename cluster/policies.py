@@ -5,8 +5,8 @@ Ray or Redis and benchmarks can swap policies by name:
 
     cache_aware    minimise estimated time to first token: uncached prefill
                    + promotion of host-tier blocks + peer fetch (when the
-                   cost model says fetching beats recomputing) + queueing
-                   behind in-flight requests, + recomputing what another
+                   cost model says fetching beats recomputing) + the work
+                   queued ahead on that worker, + recomputing what another
                    worker already holds counted once more (cluster time lost).
                    A hot prefix therefore spreads once its holder's queue
                    costs more than a peer fetch (or a duplicate prefill).
@@ -37,6 +37,7 @@ class WorkerCosts:
     promote_s_per_block: float = 2e-5
     transfer_s_per_block: float = float("inf")  # not calibrated: never fetch
     transfer_overhead_s: float = 0.0
+    max_running: int = 1  # requests the worker's engine batches into one forward
 
     def fetch_s(self, n_blocks: int) -> float:
         return self.transfer_overhead_s + n_blocks * self.transfer_s_per_block if n_blocks else 0.0
@@ -57,6 +58,14 @@ class PlacementInput:
     # Leading blocks each worker will hold once the requests already placed there ran: a burst for a
     # new prefix queues behind the request computing it instead of computing it again elsewhere.
     predicted: Mapping[str, int] = field(default_factory=dict)
+    # Seconds of work queued ahead of a new request on each worker (see Router.load_s); when absent,
+    # in-flight requests x service_s.
+    load_s: Mapping[str, float] | None = None
+
+    def queue_s(self, worker: str) -> float:
+        if self.load_s is not None:
+            return self.load_s.get(worker, 0.0)
+        return self.inflight.get(worker, 0) * self.service_s
 
 
 class Placement(NamedTuple):
@@ -157,7 +166,7 @@ class CacheAware:
             + self.duplicate_weight * duplicated * c.prefill_s_per_token
             + on_host * c.promote_s_per_block
             + c.fetch_s(fetch)
-            + x.inflight.get(w, 0) * x.service_s
+            + x.queue_s(w)
         )
         reason = "cache" if local or fetch else "load"
         return cost, Placement(w, local, peer, reason, _best(x))

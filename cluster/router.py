@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
 from cluster.policies import Placement, PlacementInput, Policy, WorkerCosts
-from worker.request import Request
+from worker.request import Request, prompt_ids_problem
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
 
@@ -78,6 +79,9 @@ class Router:
         self._prefixes: Counter[str] = Counter()
         self._turn = 0
         self._prefix_hits: Counter[str] = Counter()  # "<last block hex>:<tokens>:<tenant>" -> hits, unflushed
+        # In-flight work per placement: id(plan) -> (worker, estimated prefill seconds, placed at).
+        self._work: dict[int, tuple[str, float, float]] = {}
+        self.clock = time.monotonic  # seconds; replaceable so tests can move time
         self._lock = threading.Lock()
 
     # ---- planning --------------------------------------------------------------
@@ -88,17 +92,9 @@ class Router:
         if problem:
             return problem
         ids = list(self.tokenizer(req.prompt)["input_ids"]) if isinstance(req.prompt, str) else list(req.prompt)
-        if not ids:
-            return "prompt tokenizes to no tokens; send some text"
-        bad = [t for t in ids if not 0 <= t < self.vocab_size]
-        if bad:
-            return f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size}); send ids below {self.vocab_size}"
-        if len(ids) + req.max_new_tokens > self.max_context:
-            return (
-                f"prompt has {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: "
-                f"{len(ids) + req.max_new_tokens} exceeds the model context of {self.max_context}; "
-                "shorten the prompt or lower max_new_tokens"
-            )
+        problem = prompt_ids_problem(ids, req.max_new_tokens, self.vocab_size, self.max_context)
+        if problem:
+            return problem
         return ids, block_chain(root_hash(self.fingerprint, req.cache_salt), ids, self.block_size)
 
     def place(self, ids: list[int], chain: list[BlockHash], exclude: Iterable[str] = ()) -> Plan:
@@ -139,15 +135,43 @@ class Router:
                 dict(self._prefixes),
                 self._turn,
                 predicted,
+                self._load_s(candidates, service_s),
             )
             placement = self.policy.place(x)
             self.inflight[placement.worker_id] += 1
             self._remember(chain, placement.worker_id, holdings)
+            plan = Plan(ids, chain, placement, holdings)
+            self._work[id(plan)] = (placement.worker_id, self._prefill_s(plan), self.clock())
         self.counters.add("routed")
         self.counters.add(f"placement_{placement.reason}")
         if placement.peer is not None:
             self.counters.add("peer_hints")
-        return Plan(ids, chain, placement, holdings)
+        return plan
+
+    def _prefill_s(self, plan: Plan) -> float:
+        """(Lock held.) Estimated prefill seconds of a placed request on its worker."""
+        p = plan.placement
+        cost = self.costs.get(p.worker_id, WorkerCosts())
+        local = max(p.local_blocks, p.peer[1] if p.peer else 0) * self.block_size
+        return max(1, len(plan.token_ids) - local) * cost.prefill_s_per_token
+
+    def _load_s(self, workers: Sequence[str], service_s: float) -> dict[str, float]:
+        """(Lock held.) Seconds a new request waits on each worker before its own prefill runs.
+
+        A batching engine shares every step among its running requests, so what delays a newcomer
+        is the prefill still queued ahead (each in-flight request's estimated prefill, minus the
+        time it has been running) and, once more requests are in flight than the engine batches
+        (`max_running`, measured at start-up), the turnover of those extra requests."""
+        now = self.clock()
+        load = dict.fromkeys(workers, 0.0)
+        for w, prefill_s, placed in self._work.values():
+            if w in load:
+                load[w] += max(0.0, prefill_s - (now - placed))
+        for w in workers:
+            over = self.inflight.get(w, 0) - self.costs.get(w, WorkerCosts()).max_running
+            if over >= 0:
+                load[w] += (over + 1) * service_s / max(1, self.costs.get(w, WorkerCosts()).max_running)
+        return load
 
     def _predicted(self, chain, candidates) -> dict[str, int]:
         """(Lock held.) Leading blocks of `chain` that requests in flight will leave on each worker.
@@ -244,6 +268,7 @@ class Router:
         """The planned request left its worker; `service_s` is how long it occupied it (None if it failed)."""
         worker = plan.placement.worker_id
         with self._lock:
+            self._work.pop(id(plan), None)
             self.inflight[worker] -= 1
             if self.inflight[worker] <= 0:
                 del self.inflight[worker]

@@ -16,6 +16,7 @@ import hmac
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,7 +24,7 @@ import ray
 from cache_store import IndexUnavailable, MetadataIndex
 from cluster.dashboard.collect import record_history
 from cluster.policies import WorkerCosts, make_policy
-from cluster.router import NoWorker, Router
+from cluster.router import NoWorker, Plan, Router
 from cluster.service import ServiceSpec, redis_name
 from cluster.stats import summarize
 from worker.actor import NAMESPACE, worker_actor_name
@@ -129,22 +130,30 @@ class RouterService:
 
     async def generate(self, request: dict, tenant: str | None = None) -> dict:
         """Place, forward, retry on worker death. Returns a Result dict; never raises for bad input."""
-        try:
-            req = Request.from_dict(request)
-        except (TypeError, ValueError) as e:
-            return Result.failed(
-                f"bad request: {e}", id=request.get("id") if isinstance(request, dict) else None
-            ).to_dict()
-        problem = self._tenant_problem(req, tenant)
-        if problem:
-            self.router.counters.add("rejected")
-            return Result.failed(problem, id=req.id).to_dict()
-        if tenant is not None:
-            req = self._salt_for_tenant(req, tenant)
+        result: dict = {}
+        async for item in self._serve(request, tenant, stream=False):
+            result = item["result"]
+        return result
+
+    async def stream(self, request: dict, tenant: str | None = None):
+        """Like `generate`, yielding Chunk dicts ({"text", "token_ids"}) as the worker produces them;
+        the last item is {"result": Result dict}. Call with `.options(num_returns="streaming")`.
+        Retried on another worker only while nothing has been streamed; cancelling it cancels the
+        request on its worker."""
+        async for item in self._serve(request, tenant, stream=True):
+            yield item
+
+    async def _serve(self, request: dict, tenant: str | None, *, stream: bool):
+        req_or_problem = self._admit(request, tenant)
+        if isinstance(req_or_problem, dict):
+            yield {"result": req_or_problem}
+            return
+        req = req_or_problem
         prepared = await asyncio.to_thread(self.router.prepare, req)
         if isinstance(prepared, str):
             self.router.counters.add("rejected")
-            return Result.failed(prepared, id=req.id).to_dict()
+            yield {"result": Result.failed(prepared, id=req.id).to_dict()}
+            return
         ids, chain = prepared
         tried: list[str] = []
         errors: list[str] = []
@@ -154,29 +163,76 @@ class RouterService:
             except NoWorker as e:
                 self.router.counters.add("failed_no_worker")
                 detail = f" (after: {'; '.join(errors)})" if errors else ""
-                return Result.failed(f"{e}{detail}", id=req.id, prompt_tokens=len(ids)).to_dict()
-            w = plan.placement.worker_id  # counted in flight there by place()
-            latency = None
-            try:
-                out = await self.handles[w].generate.remote(req.to_dict(), ids, plan.placement.peer)
-                # how long the request occupied the worker (its own queueing excluded): what the
-                # requests queued behind it will wait for
+                yield {"result": Result.failed(f"{e}{detail}", id=req.id, prompt_tokens=len(ids)).to_dict()}
+                return
+            attempt = _Attempt(plan, len(tried) + 1)
+            async for item in self._forward(req, attempt, stream=stream):
+                yield item
+            if attempt.died is None:
+                return
+            self.router.counters.add("retries")
+            tried.append(plan.placement.worker_id)
+            errors.append(f"{plan.placement.worker_id}: {attempt.died}")
+
+    async def _forward(self, req: Request, attempt: _Attempt, *, stream: bool):
+        """One try on the planned worker: its chunks (when streaming) and its result. If the worker
+        dies before anything was streamed, `attempt.died` says so and nothing is yielded for it: the
+        caller retries elsewhere. A caller that stops listening cancels the request there."""
+        plan = attempt.plan
+        w = plan.placement.worker_id  # counted in flight there by place()
+        gen = (
+            self.handles[w]
+            .stream.options(num_returns="streaming")
+            .remote(req.to_dict(), plan.token_ids, plan.placement.peer)
+        )
+        latency, streamed, ended = None, 0, False
+        try:
+            async for ref in gen:
+                item = await ref
+                if "result" not in item:
+                    streamed += 1
+                    if stream:
+                        yield item
+                    continue
+                out, ended = item["result"], True
+                # how long the request occupied the worker (its own queueing excluded)
                 latency = out.get("latency_s", 0.0) - out.get("queue_s", 0.0)
                 if out.get("error") is None:
                     self.router.account(plan, out["cached_tokens"], req.cache_salt)
-                out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": len(tried) + 1}
-                return out
-            except ray.exceptions.RayActorError as e:
-                log.warning("worker %s failed during a request, retrying elsewhere: %s", w, type(e).__name__)
-                self.router.mark_dead(w)
-                self.router.counters.add("retries")
-                tried.append(w)
-                errors.append(f"{w}: {type(e).__name__}")
-            except ray.exceptions.RayTaskError as e:
-                self.router.counters.add("worker_errors")
-                return Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()
-            finally:
-                self.router.finished(plan, latency)
+                out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": attempt.number}
+                yield {"result": out}
+                return
+            raise ray.exceptions.RayActorError()  # the stream ended without a result
+        except ray.exceptions.RayActorError as e:
+            ended = True
+            log.warning("worker %s failed during a request: %s", w, type(e).__name__)
+            self.router.mark_dead(w)
+            if not (stream and streamed):
+                attempt.died = type(e).__name__
+                return
+            error = f"worker {w} died after streaming {streamed} chunk(s); resend the request"
+            yield {"result": Result.failed(error, id=req.id, worker_id=w, prompt_tokens=len(plan.token_ids)).to_dict()}
+        except ray.exceptions.RayTaskError as e:
+            ended = True
+            self.router.counters.add("worker_errors")
+            yield {"result": Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()}
+        finally:
+            if not ended:  # the caller went away mid-stream
+                _cancel_quietly(gen)
+            self.router.finished(plan, latency)
+
+    def _admit(self, request: dict, tenant: str | None) -> Request | dict:
+        """The request with the tenant's salt applied, or a failed Result dict saying what is wrong."""
+        try:
+            req = Request.from_dict(request)
+        except (TypeError, ValueError) as e:
+            rid = request.get("id") if isinstance(request, dict) else None
+            return Result.failed(f"bad request: {e}", id=rid).to_dict()
+        problem = self._tenant_problem(req, tenant)
+        if problem:
+            self.router.counters.add("rejected")
+            return Result.failed(problem, id=req.id).to_dict()
+        return self._salt_for_tenant(req, tenant) if tenant is not None else req
 
     def _tenant_problem(self, req: Request, tenant: str | None) -> str | None:
         if tenant is not None:
@@ -209,6 +265,7 @@ class RouterService:
             "policy": self.router.policy.name if self.router else self.spec.policy,
             "fingerprint": self.router.fingerprint if self.router else None,
             "block_size": self.router.block_size if self.router else self.spec.block_size,
+            "max_context": self.router.max_context if self.router else None,
         }
 
     async def stats(self) -> dict:
@@ -287,6 +344,7 @@ class RouterService:
                     prefill_s_per_token=c["prefill_ms_per_token"] / 1e3,
                     transfer_s_per_block=c["transfer_ms_per_block"] / 1e3,
                     transfer_overhead_s=c["transfer_overhead_ms"] / 1e3,
+                    max_running=int(s.get("max_running", 1)),
                 ),
             )
 
@@ -313,6 +371,21 @@ class RouterService:
             return await asyncio.wait_for(ref, 30)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
             return e
+
+
+@dataclass
+class _Attempt:
+    plan: Plan
+    number: int  # 1 for the first worker tried
+    died: str | None = None  # set when the worker died before streaming anything: retry elsewhere
+
+
+def _cancel_quietly(gen) -> None:
+    """Cancel a worker stream whose consumer went away (the worker then frees the request's blocks)."""
+    try:
+        ray.cancel(gen)
+    except Exception as e:  # already finished or the worker is gone: nothing left to free
+        log.debug("cancel of a worker stream: %s", e)
 
 
 RouterActor = ray.remote(RouterService)

@@ -20,6 +20,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cache_store import CacheConfig, IndexUnavailable, MetadataIndex, redact
 from cluster.policies import POLICIES
 from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
+from worker.config import EngineConfig
 
 GB = 1 << 30
 
@@ -48,6 +49,8 @@ class ServiceSpec:
     heartbeat_s: float = 2.0
     tenant_mode: bool = False  # every request names a tenant; the service derives its cache salt
     audit_fraction: float = 0.0  # share of cache hits re-computed without the cache and compared
+    max_running: int | None = None  # requests per forward on each worker (None: the device's default)
+    max_batch_tokens: int | None = None  # tokens per forward on each worker (None: the device's default)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.service):
@@ -65,6 +68,7 @@ class ServiceSpec:
         if not 0.0 <= self.audit_fraction <= 1.0:
             raise ValueError(f"audit_fraction must be in [0, 1], got {self.audit_fraction!r}")
         self.cache_config()  # checks block size, eviction and timings
+        self.engine_config().check()
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(
@@ -76,6 +80,9 @@ class ServiceSpec:
             lease_ttl_s=self.lease_ttl_s,
             heartbeat_s=self.heartbeat_s,
         )
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_running=self.max_running, max_batch_tokens=self.max_batch_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -201,6 +208,7 @@ def _start_workers(spec: ServiceSpec, redis_url: str, ids: list[str], lifetime) 
             redis_url=redis_url,
             dtype=spec.dtype,
             audit_fraction=spec.audit_fraction,
+            engine={"max_running": spec.max_running, "max_batch_tokens": spec.max_batch_tokens},
         )
         for wid in ids
     }
@@ -226,8 +234,12 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
 
 
 def stop_service(service: str = "default") -> None:
-    """Graceful stop: workers deregister from the index, then every actor of the service is killed."""
+    """Graceful stop: the HTTP API first (in-flight requests finish), then workers deregister from the
+    index, then every actor of the service is killed."""
+    from cluster.http.server import stop_http
+
     router = find_router(service)
+    stop_http(service)
     names = ray.get(router.shutdown.remote())
     actors = [router]
     for name in names:

@@ -1,11 +1,16 @@
 """The Ray worker actor: a thin async shell around one Engine.
 
 `WorkerService` is a plain class (tested without a cluster where possible);
-`WorkerActor = ray.remote(WorkerService)` is the actor. Async methods await
-the engine on ONE dedicated thread (requests run one at a time), so
-`health`, `stats` and `export_blocks` answer while a request is running.
-Nothing here calls `ray.get` inside `async def`: the only blocking Ray call,
-the peer fetch, runs on the engine thread.
+`WorkerActor = ray.remote(WorkerService)` is the actor. The engine steps on
+its own background thread (every running request shares each forward);
+async methods submit on a side thread (tokenizing and a peer fetch may
+block) and await the engine's output through the event loop, so `health`,
+`stats` and `export_blocks` answer while requests run. Nothing here calls
+`ray.get` inside `async def`: the only blocking Ray call, the peer fetch,
+runs on a side thread.
+
+A caller that goes away (a cancelled Ray task, a dropped stream) cancels its
+request; the engine frees its blocks within one step.
 """
 
 from __future__ import annotations
@@ -22,10 +27,12 @@ import ray
 import torch
 
 from cache_store import BlockHash, CacheConfig, Exported, MetadataIndex
+from worker.config import EngineConfig
 from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model, resolve_dtype
 from worker.ray_metrics import RayMetrics
 from worker.request import Request, Result
+from worker.sequence import Chunk
 from worker.transfer import BadTransfer, pack_blocks, unpack_blocks
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,7 @@ class WorkerService:
         dtype: str | None = None,
         peer_timeout_s: float = 10.0,
         audit_fraction: float = 0.0,
+        engine: dict[str, Any] | None = None,
     ):
         self.worker_id = worker_id
         self.config = CacheConfig(**cache)
@@ -54,24 +62,27 @@ class WorkerService:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
         self.device = torch.device("cuda:0" if self.gpu_ids and torch.cuda.is_available() else "cpu")
         cpus = _assigned_cpus()
-        if self.device.type == "cpu" and cpus:
-            torch.set_num_threads(cpus)
-        loaded = load_model(model, self.device, resolve_dtype(dtype, self.device))
-        index = MetadataIndex(redis_url, self.config) if redis_url else None
         self._peers: dict[str, ray.actor.ActorHandle] = {}
         self._inflight = 0
         self._served = 0
-        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{worker_id}")
+        self._submit_thread = ThreadPoolExecutor(4, thread_name_prefix=f"submit-{worker_id}")
         self._side_thread = ThreadPoolExecutor(2, thread_name_prefix=f"export-{worker_id}")
-        self.engine = Engine(
-            loaded,
-            self.config,
-            device=self.device,
-            worker_id=worker_id,
-            index=index,
-            peer_fetcher=self._fetch,
-            audit_fraction=audit_fraction,
-        )
+
+        def build() -> Engine:  # on the engine's own thread: all torch work stays on one thread
+            if self.device.type == "cpu" and cpus:
+                torch.set_num_threads(cpus)
+            return Engine(
+                load_model(model, self.device, resolve_dtype(dtype, self.device)),
+                self.config,
+                device=self.device,
+                worker_id=worker_id,
+                index=MetadataIndex(redis_url, self.config) if redis_url else None,
+                peer_fetcher=self._fetch,
+                audit_fraction=audit_fraction,
+                engine_config=EngineConfig(**(engine or {})),
+            )
+
+        self.engine = Engine.on_own_thread(build, name=f"engine-{worker_id}")
         self.metrics = RayMetrics(self.config.service, worker_id)
         if self.engine.keeper is not None:
             self.engine.keeper.gauges = self._gauges
@@ -82,22 +93,50 @@ class WorkerService:
         self, request: dict, token_ids: list[int] | None = None, hint: tuple[str, int] | None = None
     ) -> dict:
         """Serve one request (a Request dict); returns a Result dict. Never raises for bad input."""
+        result: dict = {}
+        async for item in self.stream(request, token_ids, hint):
+            result = item.get("result", result)
+        return result
+
+    async def stream(self, request: dict, token_ids: list[int] | None = None, hint: tuple[str, int] | None = None):
+        """Serve one request, yielding Chunk dicts as tokens are generated; the last is {"result": ...}.
+        Call with `.options(num_returns="streaming")`."""
         arrived = time.perf_counter()
         self._inflight += 1
+        seq = None
         try:
             try:
                 req = Request.from_dict(request)
             except (TypeError, ValueError) as e:
-                return Result.failed(f"bad request: {e}", worker_id=self.worker_id).to_dict()
-            peer = PeerHint(hint[0], int(hint[1])) if hint else None
+                yield {"result": Result.failed(f"bad request: {e}", worker_id=self.worker_id).to_dict()}
+                return
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self._engine_thread,
-                lambda: self.engine.run(req, token_ids=token_ids, hint=peer, arrived=arrived),
-            )
-            self.metrics.observe(result)
-            return result.to_dict()
+            queue: asyncio.Queue[Chunk] = asyncio.Queue()
+            peer = PeerHint(hint[0], int(hint[1])) if hint else None
+
+            def sink(chunk: Chunk) -> None:  # on the engine's thread
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                except RuntimeError:
+                    pass  # the event loop is gone (actor exiting): nobody is waiting for it
+
+            def submit():
+                return self.engine.submit(req, token_ids=token_ids, hint=peer, arrived=arrived, sink=sink)
+
+            seq = await loop.run_in_executor(self._submit_thread, submit)
+            if isinstance(seq, Result):
+                yield {"result": seq.to_dict()}
+                return
+            while True:
+                chunk = await queue.get()
+                if chunk.result is not None:
+                    self.metrics.observe(chunk.result)
+                yield chunk.to_dict()
+                if chunk.result is not None:
+                    return
         finally:
+            if seq is not None and not isinstance(seq, Result) and not seq.done.is_set():
+                self.engine.cancel(seq)  # the caller went away: free its blocks
             self._inflight -= 1
             self._served += 1
 
@@ -160,7 +199,7 @@ class WorkerService:
 
     async def pin_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> int:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._engine_thread, self.engine.pin_prefix, token_ids, cache_salt)
+        return await loop.run_in_executor(self._side_thread, self.engine.pin_prefix, token_ids, cache_salt)
 
     async def flush(self) -> bool:
         """Heartbeat now (publishes counters); True if the index took it."""
@@ -173,7 +212,7 @@ class WorkerService:
     async def shutdown(self) -> None:
         """Graceful stop: deregister from the index (entries removed) and free the engine."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._engine_thread, self.engine.close)
+        await loop.run_in_executor(self._side_thread, self.engine.close)
 
     # ---- internals ----------------------------------------------------------------
 
@@ -188,7 +227,7 @@ class WorkerService:
         return self._peers[peer_id]
 
     def _fetch(self, peer_id: str, hashes: list[BlockHash]) -> Exported:
-        """Runs on the engine thread (never on the event loop)."""
+        """Runs on a submit thread (never on the event loop or the engine's step loop)."""
         try:
             ref = self._peer(peer_id).export_blocks.remote([bytes(h) for h in hashes])
             meta, data = ray.get(ref, timeout=self.peer_timeout_s)

@@ -1,43 +1,42 @@
-"""Engine: a transformers causal LM that prefills only the uncached suffix of each prompt.
+"""Engine: a transformers causal LM serving many requests per forward over a paged KV cache.
 
-Per request:
-  1. hash the prompt's full blocks (namespace = model fingerprint + cache salt),
-  2. pin the longest cached prefix (device tier; host tier promoted), and if
-     the router says a peer holds more, pull that KV when cheaper than
-     recomputing it (token ids verified; a failed pull is a recompute),
-  3. assemble a DynamicCache from the pinned blocks (one gather per tier) and
-     run the model on the rest of the prompt, always at least its last token
-     (the logits of the last position are needed),
-  4. decode, then store every new full block of prompt AND generated tokens
-     (so a chat's next turn hits), publish, unpin.
+The device tier of the cache IS the engine's KV memory. A request is
+admitted with its block table pointing at the cached blocks of its longest
+cached prefix (in place, pinned) and at fresh pool blocks for the rest; each
+step runs ONE forward over every running request (`worker.scheduler`,
+`worker.model_runner`, `worker.paged_attention`); every block is cached the
+moment it is full. So only the uncached part of a prompt is ever prefilled,
+and concurrent requests and the next chat turn hit what is being computed.
 
-Requests run one at a time at batch size 1, so the suffix is computed by the
-same kernels on the same shapes as in an uncached run; that is what keeps
-cached outputs equal to uncached ones (greedy tokens identical, float32
-logits within 1e-4). `run`/`generate` serialize on an internal lock;
-`stats` and `export_blocks` may be called from other threads.
+Threads: `submit` may be called from any thread (it tokenizes, validates and
+pulls a peer's blocks in the caller's thread). Steps run under one lock,
+either on a background loop (`start`, what the Ray actor uses) or driven by
+whichever caller waits (`generate`, `stream`, `run` without a loop).
+`stats` and `export_blocks` never wait for a step.
+
+Exactness: each request's attention reads only its own tokens, through the
+same kernels as an unbatched run; the linear layers see a different number
+of rows, which moves float32 logits by ~1e-6 (see README, "Exactness").
+`max_running=1` gives batch-independent bits.
 """
 
 from __future__ import annotations
 
-import inspect
+import collections
 import logging
 import os
+import queue
 import random
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from cache_store import (
     CacheConfig,
     Exported,
-    Hold,
     IndexUnavailable,
     KVShape,
     LeaseKeeper,
@@ -48,39 +47,27 @@ from cache_store import (
     token_blocks,
 )
 from cache_store.hashing import BlockHash
+from worker.block_manager import BlockManager
+from worker.config import EngineConfig
 from worker.costs import CostModel
+from worker.model_runner import ModelRunner
 from worker.models import LoadedModel, fingerprint, load_model, resolve_device, resolve_dtype
-from worker.request import Request, Result
+from worker.output import Detokenizer, build_result, cut_at_stop
+from worker.paged_attention import ATTN_NAME
+from worker.peer import PeerFetcher, PeerFetchError, PeerHint, fetch_prefix
+from worker.request import Request, Result, prompt_ids_problem
 from worker.sampling import make_generator, next_token
+from worker.scheduler import Scheduler
+from worker.sequence import Chunk, Status
+from worker.sequence import Sequence as Seq
+
+__all__ = ["Engine", "EngineConfig", "PeerFetchError", "PeerHint", "Chunk"]
 
 log = logging.getLogger(__name__)
 GB = 1 << 30
 # Largest last-position logit difference the audit accepts between cached and fresh prefill:
 # float noise of the two computation orders, far below what a wrong block produces.
 AUDIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
-
-
-@dataclass(frozen=True)
-class PeerHint:
-    """From the router: `worker_id` holds the first `blocks` blocks of this request's chain."""
-
-    worker_id: str
-    blocks: int
-
-
-class PeerFetchError(Exception):
-    """A peer could not deliver blocks (dead, timed out, refused); the engine recomputes."""
-
-
-PeerFetcher = Callable[[str, list[BlockHash]], Exported]
-
-
-class Prefill(NamedTuple):
-    cache: DynamicCache
-    logits: torch.Tensor  # [vocab], last prompt position
-    hold: Hold
-    cached_tokens: int
-    by_tier: dict[str, int]  # cached tokens per source: device, host, peer
 
 
 class Engine:
@@ -90,6 +77,7 @@ class Engine:
         cache_config: CacheConfig,
         *,
         device: torch.device,
+        engine_config: EngineConfig | None = None,
         worker_id: str = "local",
         index: MetadataIndex | None = None,
         model_fingerprint: str | None = None,
@@ -99,10 +87,12 @@ class Engine:
     ):
         if not 0.0 <= audit_fraction <= 1.0:
             raise ValueError(f"audit_fraction must be in [0, 1], got {audit_fraction!r}")
+        self.config = (engine_config or EngineConfig()).resolved(device)
         self.audit_fraction = audit_fraction
         self._audit_rng = random.Random(audit_seed)
         self.loaded = loaded
         self.model = loaded.model
+        self.model.set_attn_implementation(ATTN_NAME)
         self.tokenizer = loaded.tokenizer
         self.device = device
         self.worker_id = worker_id
@@ -114,8 +104,20 @@ class Engine:
         self.store = TieredStore(cache_config, shape, device)
         self.counters = self.store.counters
         self.peer_fetcher = peer_fetcher
-        self._lock = threading.Lock()
-        self._keep_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self.blocks = BlockManager(self.store, self.block_size)
+        self.scheduler = Scheduler(
+            self.blocks, max_running=self.config.max_running, max_batch_tokens=self.config.max_batch_tokens
+        )
+        self.runner = ModelRunner(
+            self.model, self.store.device_pool.data, self.block_size, device, self.config.attention
+        )
+        self.detok = Detokenizer(self.tokenizer)
+        self._step_lock = threading.RLock()
+        self._inbox: collections.deque[Seq] = collections.deque()
+        self._wake = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._stopping = False
+        self._audits = 0  # audit recomputations queued, not finished
         self.costs = CostModel(prefill_s_per_token=self._measure_prefill())
         self.index = index
         self.keeper: LeaseKeeper | None = None
@@ -140,12 +142,15 @@ class Engine:
         cache_config: CacheConfig | None = None,
         peer_fetcher: PeerFetcher | None = None,
         audit_fraction: float = 0.0,
+        max_running: int | None = None,
+        max_batch_tokens: int | None = None,
     ) -> Engine:
         """Load 'demo' or a local Hugging Face causal-LM directory with a fresh cache.
 
         With `redis_url`, the engine takes a lease in that index and publishes its blocks.
         `audit_fraction` of cache hits are re-computed without the cache and compared
         (counters `audit_checked` / `audit_mismatches`; expected 0 mismatches).
+        `max_running` / `max_batch_tokens`: batching limits (device defaults when None).
         """
         config = cache_config or CacheConfig(
             block_size=block_size,
@@ -155,6 +160,8 @@ class Engine:
             service=service,
         )
         dev = resolve_device(device)
+        engine_config = EngineConfig(max_running, max_batch_tokens)
+        engine_config.check()
         loaded = load_model(model, dev, resolve_dtype(dtype, dev))
         index = MetadataIndex(redis_url, config) if redis_url else None
         wid = worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -162,6 +169,7 @@ class Engine:
             loaded,
             config,
             device=dev,
+            engine_config=engine_config,
             worker_id=wid,
             index=index,
             peer_fetcher=peer_fetcher,
@@ -181,13 +189,48 @@ class Engine:
         stop: Sequence[str] | None = None,
         cache_salt: str | None = None,
     ) -> list[Result]:
-        """One Result per prompt, in order. A bad prompt gets a Result with `error`; the rest still run."""
+        """One Result per prompt, in order; all prompts run concurrently. A bad prompt gets a Result
+        with `error`; the rest still run."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        stops = tuple(stop) if isinstance(stop, (list, tuple)) else ((stop,) if isinstance(stop, str) else ())
-        return [
-            self.run(Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt)) for p in prompts
-        ]
+        stops = _stops(stop)
+        reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
+        seqs = [self.submit(r) for r in reqs]
+        return [s if isinstance(s, Result) else self.wait(s) for s in seqs]
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+        cache_salt: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Chunks of text (and their token ids) as they are generated; the last carries the Result.
+        Stopping the iteration cancels the request and frees its blocks."""
+        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, _stops(stop), cache_salt)
+        return self.stream_request(req)
+
+    def stream_request(self, req: Request, **submit_kw) -> Iterator[Chunk]:
+        pending: collections.deque[Chunk] = collections.deque()
+        seq = self.submit(req, sink=pending.append, **submit_kw)
+        if isinstance(seq, Result):
+            yield Chunk("", (), seq)
+            return
+        try:
+            while True:
+                while pending:
+                    chunk = pending.popleft()
+                    yield chunk
+                    if chunk.result is not None:
+                        return
+                self._advance(seq)
+        finally:
+            if not seq.done.is_set():
+                self.cancel(seq)
 
     def run(
         self,
@@ -197,9 +240,27 @@ class Engine:
         hint: PeerHint | None = None,
         arrived: float | None = None,
     ) -> Result:
-        """Serve one request. `token_ids` (from the router) skips tokenization; `arrived` is when the
-        worker received it (perf_counter): `queue_s` is the wait from then until the engine took it,
-        `ttft_s` runs from there to the first token, `latency_s` from arrival to the end."""
+        """Serve one request to completion (other requests may share its steps)."""
+        seq = self.submit(req, token_ids=token_ids, hint=hint, arrived=arrived)
+        return seq if isinstance(seq, Result) else self.wait(seq)
+
+    def submit(
+        self,
+        req: Request,
+        *,
+        token_ids: Sequence[int] | None = None,
+        hint: PeerHint | None = None,
+        arrived: float | None = None,
+        sink=None,
+        use_cache: bool = True,
+        store: bool = True,
+        capture_logits: bool = False,
+    ) -> Seq | Result:
+        """Queue a request; returns its Sequence, or a failed Result for a bad request.
+
+        `token_ids` (from the router) skips tokenization; `arrived` is when the worker received it
+        (perf_counter). `sink` is called with each Chunk from the stepping thread. A peer fetch the
+        router suggested in `hint` happens here, in the caller's thread, not in the step loop."""
         t0 = arrived if arrived is not None else time.perf_counter()
         problem = req.problem()
         ids: list[int] = []
@@ -208,8 +269,71 @@ class Engine:
         if problem is not None:
             self.counters.add("rejected_requests")
             return Result.failed(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
-        with self._lock:
-            return self._run(req, ids, hint, t0, time.perf_counter())
+        audit = use_cache and store and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
+        seq = Seq(
+            req,
+            ids,
+            root_hash(self.fingerprint, req.cache_salt),
+            make_generator(req.seed),
+            t0,
+            sink=sink,
+            use_cache=use_cache,
+            store=store,
+            capture_logits=capture_logits or audit,
+            audit=audit,
+        )
+        if hint is not None and use_cache and self.peer_fetcher is not None:
+            self._fetch_for(seq, hint)
+        self._inbox.append(seq)
+        self._wake.set()
+        return seq
+
+    def wait(self, seq: Seq) -> Result:
+        while not seq.done.is_set():
+            self._advance(seq)
+        while self._loop is None and self._audits and self._step():
+            pass  # without a loop, the caller also runs the audits its request queued
+        assert seq.result is not None
+        return seq.result
+
+    def cancel(self, seq: Seq) -> None:
+        """Stop a request (a client went away): its blocks are freed within one step."""
+        seq.cancelled = True
+        self._wake.set()
+        if self._loop is None:
+            with self._step_lock:
+                self._reap()
+
+    def start(self) -> None:
+        """Run steps on a background thread from now on (callers then only wait). Prefer
+        `Engine.on_own_thread`: torch's CPU thread pool runs at full speed only on the thread that
+        first used it (measured on 2 cores: a forward 30% slower on a second thread)."""
+        if self._loop is None:
+            self._stopping = False
+            self._loop = threading.Thread(target=self._serve, name=f"engine-{self.worker_id}", daemon=True)
+            self._loop.start()
+
+    @staticmethod
+    def on_own_thread(build: Callable[[], Engine], name: str = "engine") -> Engine:
+        """Build an engine on a new thread and run its step loop there, so loading, measuring and
+        every forward happen on one thread (what the Ray actor does). Raises what `build` raised."""
+        ready: queue.Queue = queue.Queue()
+
+        def main() -> None:
+            try:
+                engine = build()
+            except BaseException as e:
+                ready.put(e)
+                return
+            engine._loop = threading.current_thread()
+            ready.put(engine)
+            engine._serve()
+
+        threading.Thread(target=main, name=name, daemon=True).start()
+        out = ready.get()
+        if isinstance(out, BaseException):
+            raise out
+        return out
 
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt)["input_ids"])
@@ -217,19 +341,15 @@ class Engine:
     def chain(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[BlockHash]:
         return block_chain(root_hash(self.fingerprint, cache_salt), token_ids, self.block_size)
 
-    @torch.inference_mode()
     def prefill_logits(self, token_ids: Sequence[int], cache_salt: str | None = None, *, use_cache: bool = True):
-        """(logits, cached tokens per source) of the last prompt position, via the same path as `run`
-        but without decoding or storing anything. Logits are float32 on CPU. Used by the exactness
-        tests and the audit."""
-        ids = list(token_ids)
-        with self._lock:
-            if not use_cache:
-                logits = self._forward(ids, DynamicCache(config=self.model.config), 0)
-                return logits.float().cpu(), {"device": 0, "host": 0, "peer": 0}
-            pre = self._prefill(ids, cache_salt, None)
-            self.store.release(pre.hold)
-            return pre.logits.float().cpu(), pre.by_tier
+        """(logits, cached tokens per source) of the last prompt position, through the same path as
+        every request, storing nothing. Logits are float32 on CPU. Used by the exactness tests."""
+        req = Request(list(token_ids), max_new_tokens=1, cache_salt=cache_salt)
+        seq = self.submit(req, use_cache=use_cache, store=False, capture_logits=True)
+        if isinstance(seq, Result):
+            raise ValueError(seq.error)
+        self.wait(seq)
+        return seq.prompt_logits.float().cpu(), dict(seq.by_tier)
 
     def export_blocks(self, hashes: Sequence[BlockHash]) -> Exported:
         """KV of the leading run of `hashes` held here (for a peer)."""
@@ -271,7 +391,9 @@ class Engine:
             "block_bytes": self.store.shape.block_bytes,
             "max_context": self.loaded.max_context,
             "vocab_size": self.loaded.vocab_size,
-            "prefill_us_per_token": round(self.costs.prefill_s_per_token * 1e6, 3) if hasattr(self, "costs") else 0,
+            "max_running": self.config.max_running,
+            "max_batch_tokens": self.config.max_batch_tokens,
+            "prefill_us_per_token": round(self.costs.prefill_s_per_token * 1e6, 3),
         }
 
     def gauges(self) -> dict[str, object]:
@@ -279,9 +401,12 @@ class Engine:
         return {
             "device_blocks": s.device.blocks,
             "device_capacity": s.device.capacity,
+            "working_blocks": self.store.working_blocks,
             "host_blocks": s.host.blocks,
             "host_capacity": s.host.capacity,
             "pinned_blocks": s.device.pinned + s.host.pinned,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
         }
 
     def stats(self) -> dict[str, object]:
@@ -296,12 +421,150 @@ class Engine:
         }
 
     def close(self) -> None:
+        """Stop the loop; requests still queued or running fail with a clear error (none hangs)."""
+        if self._loop is not None:
+            self._stopping = True
+            self._wake.set()
+            self._loop.join(timeout=30)
+            self._loop = None
+        with self._step_lock:
+            self._fail_all("the worker is shutting down; resend the request")
         if self.keeper is not None:
             self.keeper.stop()
         if self.index is not None:
             self.index.close()
 
-    # ---- request path ------------------------------------------------------------
+    # ---- stepping ----------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while not self._stopping:
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            try:
+                while not self._stopping and self._step():
+                    pass
+            except Exception as e:  # a bug: fail what was in flight, keep the loop (and the worker) alive
+                log.exception("engine step failed")
+                with self._step_lock:
+                    self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
+
+    def _fail_all(self, error: str) -> None:
+        """(Step lock held.) Fail every request the engine holds."""
+        self._reap()
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            self._fail(seq, error)
+
+    def _advance(self, seq: Seq) -> None:
+        """Make progress towards seq's completion: step here, or wait for the loop to."""
+        if self._loop is not None:
+            seq.progress.wait(timeout=0.5)
+            seq.progress.clear()
+            return
+        if not self._step() and not seq.done.is_set():
+            raise RuntimeError("engine made no progress with a request pending (scheduler bug)")
+
+    def _step(self) -> bool:
+        """One forward over the scheduled batch; False if there was nothing to do."""
+        with self._step_lock:
+            self._reap()
+            plan = self.scheduler.schedule()
+            if plan.preempted:
+                self.counters.add("preemptions", len(plan.preempted))
+            if not plan.batch:
+                return bool(plan.preempted) or self._unblock()
+            try:
+                logits, sampled = self.runner.run(plan.batch)
+            except Exception as e:  # a bug or a device error: fail this batch's requests, keep serving
+                log.exception("forward failed")
+                for seq, _ in plan.batch:
+                    self._fail(seq, f"the model's forward pass failed: {type(e).__name__}: {e}")
+                return True
+            for seq, n in plan.batch:
+                self.blocks.commit(seq, n)
+                self.scheduler.committed(seq)
+            for seq, row in zip(sampled, logits):
+                self._sample(seq, row)
+            return True
+
+    def _reap(self) -> None:
+        """Move new requests in; drop cancelled ones (blocks freed)."""
+        while self._inbox:
+            self.scheduler.add(self._inbox.popleft())
+        for seq in [s for s in self.scheduler.running if s.cancelled]:
+            self.scheduler.finish(seq)
+            self._finish(seq, "cancelled", released=True)
+        for seq in [s for s in self.scheduler.waiting if s.cancelled]:
+            self.scheduler.drop_waiting(seq)
+            self._finish(seq, "cancelled", released=True)
+
+    def _unblock(self) -> bool:
+        """Nothing could be scheduled. If requests wait while none runs, the first cannot fit the
+        device pool at all: fail it with what to change rather than wait forever."""
+        if not self.scheduler.waiting or self.scheduler.running:
+            return False
+        seq = self.scheduler.waiting[0]
+        need = self.blocks.blocks_needed(seq, seq.to_feed) + 1
+        self._fail(
+            seq,
+            f"this request needs {need} KV blocks of {self.block_size} tokens at once and the device cache "
+            f"can free only {self.store.room()}; shorten the prompt or raise --device-cache-gb",
+        )
+        return True
+
+    def _sample(self, seq: Seq, logits: torch.Tensor) -> None:
+        if seq.capture_logits and seq.prompt_logits is None:
+            seq.prompt_logits = logits.detach().float().cpu()
+        req = seq.req
+        if req.max_new_tokens == 0:
+            return self._end(seq, "length")
+        tok = next_token(logits, req.temperature, req.top_k, req.top_p, seq.generator)
+        seq.out.append(tok)
+        seq.mark_first_token()
+        if tok in self.loaded.eos_ids:
+            return self._end(seq, "eos")
+        if req.stop and self.detok.stop_hit(seq):
+            return self._end(seq, "stop")
+        if len(seq.out) >= req.max_new_tokens:
+            return self._end(seq, "length")
+        if seq.sink is not None:
+            chunk = self.detok.piece(seq, final=False)
+            if chunk is not None:
+                seq.emit(chunk)
+
+    def _end(self, seq: Seq, reason: str) -> None:
+        self.scheduler.finish(seq)
+        self._finish(seq, reason, released=True)
+
+    def _fail(self, seq: Seq, error: str) -> None:
+        if seq.status is Status.RUNNING:
+            self.scheduler.finish(seq)
+        else:
+            self.scheduler.drop_waiting(seq)
+        seq.result = Result.failed(error, id=seq.req.id, worker_id=self.worker_id, prompt_tokens=len(seq.prompt))
+        self.counters.add("failed_requests")
+        seq.emit(Chunk("", (), seq.result))
+        seq.done.set()
+
+    def _finish(self, seq: Seq, reason: str, *, released: bool) -> None:
+        seq.finish_reason = reason
+        if seq.sink is not None and reason != "cancelled":
+            last = self.detok.piece(seq, final=True)
+            if last is not None:
+                seq.emit(last)
+        text = self.detok.text(seq)
+        if reason == "stop":
+            text = cut_at_stop(text, seq.req.stop) or ""
+        seq.result = build_result(seq, text, self.worker_id)
+        if reason == "cancelled":
+            self.counters.add("cancelled_requests")
+        elif seq.store or seq.use_cache:
+            self._count(seq)
+            if seq.audit and seq.cached_tokens:
+                self._audit(seq)
+        seq.emit(Chunk("", (), seq.result))
+        seq.done.set()
+
+    # ---- request path helpers ------------------------------------------------------
 
     def _prompt_ids(self, req: Request, token_ids: Sequence[int] | None) -> tuple[list[int], str | None]:
         if token_ids is not None:
@@ -310,217 +573,99 @@ class Engine:
             ids = self.tokenize(req.prompt)
         else:
             ids = list(req.prompt)
-        if not ids:
-            return ids, "prompt tokenizes to no tokens; send some text"
-        vocab = self.loaded.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            return ids, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}); send ids below {vocab}"
-        ctx = self.loaded.max_context
-        if len(ids) + req.max_new_tokens > ctx:
+        problem = prompt_ids_problem(ids, req.max_new_tokens, self.loaded.vocab_size, self.loaded.max_context)
+        if problem is not None:
+            return ids, problem
+        total = len(ids) + req.max_new_tokens
+        blocks = -(-total // self.block_size)
+        if blocks > self.store.device_pool.capacity:
             return ids, (
-                f"prompt has {len(ids)} tokens and max_new_tokens is {req.max_new_tokens}: {len(ids) + req.max_new_tokens} "
-                f"exceeds the model context of {ctx}; shorten the prompt or lower max_new_tokens"
+                f"prompt ({len(ids)} tokens) plus max_new_tokens ({req.max_new_tokens}) needs {blocks} KV blocks and "
+                f"the device cache holds {self.store.device_pool.capacity}; shorten the request or raise --device-cache-gb"
             )
         return ids, None
 
-    @torch.inference_mode()
-    def _run(self, req: Request, ids: list[int], hint: PeerHint | None, arrived: float, t0: float) -> Result:
-        pre = self._prefill(ids, req.cache_salt, hint)
-        try:
-            out, finish, t_first = self._decode(req, pre)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if finish == "stop":
-                text = _cut_at_stop(text, req.stop)
-            self._write_back(ids + out, req.cache_salt, pre)
-        finally:
-            self.store.release(pre.hold)
-        if pre.cached_tokens and self.audit_fraction and self._audit_rng.random() < self.audit_fraction:
-            self._audit(ids, pre.logits)
-        done = time.perf_counter()
-        ttft = (t_first or done) - t0
-        self._count(ids, pre, out, ttft)
-        return Result(
-            text=text,
-            token_ids=tuple(out),
-            prompt_tokens=len(ids),
-            cached_tokens=pre.cached_tokens,
-            worker_id=self.worker_id,
-            ttft_s=ttft,
-            id=req.id,
-            finish_reason=finish,
-            latency_s=done - arrived,
-            queue_s=t0 - arrived,
-            cached_device_tokens=pre.by_tier["device"],
-            cached_host_tokens=pre.by_tier["host"],
-            cached_peer_tokens=pre.by_tier["peer"],
+    def _fetch_for(self, seq: Seq, hint: PeerHint) -> None:
+        bs = self.block_size
+        hashes = block_chain(seq.root, seq.prompt, bs)
+        got = fetch_prefix(
+            self.store,
+            self.costs,
+            self.peer_fetcher,
+            hint,
+            hashes,
+            token_blocks(seq.prompt, bs),
+            self.dtype,
+            self.counters,
         )
+        if got is not None:
+            seq.peer_hold, lo, hi = got
+            seq.peer_blocks = (lo, hi)
 
-    def _prefill(self, ids: list[int], salt: str | None, hint: PeerHint | None) -> Prefill:
-        bs = self.block_size
-        hashes = self.chain(ids, salt)
-        blocks = token_blocks(ids, bs)
-        hold = self.store.acquire(hashes, blocks)
-        local = len(hold)
-        sources = ["device"] * hold.device_hits + ["host"] * hold.host_hits
-        try:
-            if hint is not None and hint.blocks > local and self.peer_fetcher is not None:
-                hold = self._fetch_from_peer(hint, hashes, blocks, hold)
-                sources += ["peer"] * (len(hold) - local)
-            n_cached = min(len(hold) * bs, len(ids) - 1)  # the last prompt token is always recomputed
-            cache = self._cache_from(self.store.gather(hold, n_cached) if n_cached else [])
-            logits = self._forward(ids[n_cached:], cache, n_cached)
-        except BaseException:
-            self.store.release(hold)
-            raise
-        by_tier = {"device": 0, "host": 0, "peer": 0}
-        for i, source in enumerate(sources):
-            by_tier[source] += max(0, min(bs, n_cached - i * bs))
-        return Prefill(cache, logits, hold, n_cached, by_tier)
+    def _audit(self, seq: Seq) -> None:
+        """Recompute a hit without the cache (queued like any request); a difference beyond float
+        noise is a mismatch."""
+        cached = seq.prompt_logits
+        req = Request(seq.prompt, max_new_tokens=0, cache_salt=seq.req.cache_salt)
+        ref = Seq(req, seq.prompt, seq.root, make_generator(0), time.perf_counter(), use_cache=False, store=False)
+        ref.capture_logits = True
 
-    def _cache_from(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-        """A DynamicCache holding the gathered prefix as is. (`DynamicCache(ddp_cache_data=kv)` would
-        concatenate every layer onto an empty tensor: one more copy of the whole prefix per request.)"""
-        cache = DynamicCache(config=self.model.config)
-        if kv:
-            if len(kv) != len(cache.layers):
-                raise RuntimeError(f"{len(kv)} cached layers for a model with {len(cache.layers)}")
-            for layer, (k, v) in zip(cache.layers, kv):
-                layer.lazy_initialization(k, v)
-                layer.keys, layer.values = k, v
-        return cache
+        def compare(chunk: Chunk) -> None:
+            if chunk.result is None:
+                return
+            self._audits -= 1
+            if ref.prompt_logits is None:
+                return
+            diff = float((ref.prompt_logits - cached).abs().max())
+            self.counters.add("audit_checked")
+            if diff > AUDIT_TOLERANCE.get(self.dtype, 1e-3):
+                self.counters.add("audit_mismatches")
+                log.error("audit: cached prefill differs from a fresh one by %.3g (%d tokens)", diff, len(seq.prompt))
 
-    def _forward(self, ids: Sequence[int], cache: DynamicCache, start: int) -> torch.Tensor:
-        """Run `ids` at positions start.. on top of `cache` (mutated); logits of the last position."""
-        inp = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
-        kw = {"logits_to_keep": 1} if self._keep_logits else {}
-        out = self.model(input_ids=inp, past_key_values=cache, position_ids=pos, use_cache=True, **kw)
-        return out.logits[0, -1]
+        ref.sink = compare
+        self._audits += 1
+        self._inbox.append(ref)
 
-    def _decode(self, req: Request, pre: Prefill) -> tuple[list[int], str, float | None]:
-        out: list[int] = []
-        if req.max_new_tokens == 0:
-            return out, "length", None
-        gen = make_generator(req.seed)
-        logits, pos = pre.logits, pre.cache.get_seq_length()
-        t_first = None
-        while True:
-            tok = next_token(logits, req.temperature, req.top_k, req.top_p, gen)
-            out.append(tok)
-            if t_first is None:
-                t_first = time.perf_counter()
-            if tok in self.loaded.eos_ids:
-                return out, "eos", t_first
-            if req.stop and _cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), req.stop) is not None:
-                return out, "stop", t_first
-            if len(out) >= req.max_new_tokens:
-                return out, "length", t_first
-            logits = self._forward([tok], pre.cache, pos)
-            pos += 1
-
-    def _write_back(self, seq: list[int], salt: str | None, pre: Prefill) -> None:
-        """Store every full block whose KV the cache now holds (prompt and generated tokens)."""
-        bs = self.block_size
-        n_full = pre.cache.get_seq_length() // bs
-        have = len(pre.hold)
-        if n_full <= have:
-            return
-        hashes = self.chain(seq[: n_full * bs], salt)
-        blocks = token_blocks(seq[: n_full * bs], bs)
-        kv = _blocks_from_cache(pre.cache, have, n_full, bs)
-        parent = hashes[have - 1] if have else None
-        self.store.insert(parent, hashes[have:], blocks[have:], kv)
-
-    def _fetch_from_peer(self, hint: PeerHint, hashes, blocks, hold: Hold) -> Hold:
-        """Pull blocks [len(hold), hint.blocks) from the peer; returns the (possibly longer) hold."""
-        local = len(hold)
-        want = hashes[local : hint.blocks]
-        if not self.costs.fetch_pays(len(want), self.block_size):
-            self.counters.add("peer_fetch_skipped")
-            return hold
-        try:
-            got = self.peer_fetcher(hint.worker_id, list(want))
-        except PeerFetchError as e:
-            log.warning("peer fetch from %s failed, recomputing: %s", hint.worker_id, e)
-            self.counters.add("peer_fetch_failures")
-            return hold
-        n = 0
-        for h, toks, want_h, want_toks in zip(got.hashes, got.tokens, want, blocks[local:]):
-            if h != want_h or tuple(toks) != tuple(want_toks):
-                break
-            n += 1
-        expected_shape = (len(got.hashes), *self.store.shape.block_dims)
-        if n < len(want) and n < len(got.hashes):
-            self.counters.add("peer_fetch_mismatches")
-        if n == 0 or tuple(got.kv.shape) != expected_shape or got.kv.dtype != self.dtype:
-            if n:
-                self.counters.add("peer_fetch_failures")
-            return hold
-        parent = hashes[local - 1] if local else None
-        self.store.insert(parent, want[:n], blocks[local : local + n], got.kv[:n])
-        longer = self.store.acquire(hashes, blocks)
-        self.store.release(hold)
-        self.counters.add("peer_fetches")
-        self.counters.add("peer_fetched_blocks", max(0, len(longer) - local))
-        return longer
-
-    def _audit(self, ids: list[int], cached_logits: torch.Tensor) -> None:
-        """Recompute a hit without the cache; a difference beyond float noise is a mismatch."""
-        fresh = self._forward(ids, DynamicCache(config=self.model.config), 0)
-        diff = float((fresh.float() - cached_logits.float()).abs().max())
-        self.counters.add("audit_checked")
-        if diff > AUDIT_TOLERANCE.get(self.dtype, 1e-3):
-            self.counters.add("audit_mismatches")
-            log.error("audit: cached prefill differs from a fresh one by %.3g (prompt of %d tokens)", diff, len(ids))
-
-    def _count(self, ids: list[int], pre: Prefill, out: list[int], ttft: float) -> None:
+    def _count(self, seq: Seq) -> None:
+        r = seq.result
         self.counters.add_many(
             {
                 "requests": 1,
-                "hit_requests": int(pre.cached_tokens > 0),
-                "prompt_tokens": len(ids),
-                "cached_tokens": pre.cached_tokens,
-                "hit_tokens_device": pre.by_tier["device"],
-                "hit_tokens_host": pre.by_tier["host"],
-                "hit_tokens_peer": pre.by_tier["peer"],
-                "prefill_tokens": len(ids) - pre.cached_tokens,
-                "generated_tokens": len(out),
-                "ttft_us_sum": int(ttft * 1e6),
+                "hit_requests": int(seq.cached_tokens > 0),
+                "prompt_tokens": len(seq.prompt),
+                "cached_tokens": seq.cached_tokens,
+                "hit_tokens_device": seq.by_tier["device"],
+                "hit_tokens_host": seq.by_tier["host"],
+                "hit_tokens_peer": seq.by_tier["peer"],
+                "prefill_tokens": len(seq.prompt) - seq.cached_tokens,
+                "generated_tokens": len(seq.out),
+                "ttft_us_sum": int(r.ttft_s * 1e6),
             }
         )
 
     def _measure_prefill(self) -> float:
-        """Seconds per prefill token, timed on this device (best of 2 after a warm-up)."""
-        n = max(16, min(256, self.loaded.max_context // 2))
+        """Seconds per prefill token, timed on this device through the engine's own path (best of 2
+        after a warm-up)."""
+        room = (self.store.device_pool.capacity - 1) * self.block_size
+        n = max(1, min(256, self.loaded.max_context // 2, self.config.max_batch_tokens, room))
         ids = [i % self.loaded.vocab_size for i in range(n)]
         best = float("inf")
-        with torch.inference_mode():
-            for i in range(3):
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                self._forward(ids, DynamicCache(config=self.model.config), 0)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i:
-                    best = min(best, time.perf_counter() - t)
+        for i in range(3):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            seq = self.submit(Request(ids, max_new_tokens=0), use_cache=False, store=False)
+            if isinstance(seq, Result):
+                raise ValueError(f"cannot time a prefill of {n} tokens: {seq.error}")
+            self.wait(seq)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best = min(best, time.perf_counter() - t)
         return best / n
 
 
-def _blocks_from_cache(cache: DynamicCache, lo: int, hi: int, bs: int) -> torch.Tensor:
-    """Blocks lo..hi of every layer as [n, layers, 2, kv_heads, block, head_dim] (a view; the pool copies)."""
-    n = hi - lo
-    layers = []
-    for layer in cache.layers:
-        k = layer.keys[0, :, lo * bs : hi * bs]  # [heads, n*bs, dim]
-        v = layer.values[0, :, lo * bs : hi * bs]
-        heads, _, dim = k.shape
-        layers.append(torch.stack([k, v]).view(2, heads, n, bs, dim))
-    return torch.stack(layers).permute(3, 0, 1, 2, 4, 5)
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
-    """`text` up to the first stop string, or None if none occurs."""
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(cuts)] if cuts else None
+def _stops(stop: Sequence[str] | str | None) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop) if isinstance(stop, (list, tuple)) else ()

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer, get_layer_types_and_kwargs
 
+from worker import smollm2
 from worker.demo_model import DEMO_SEED, demo_model, demo_tokenizer
 
 FINGERPRINT_VERSION = "prefixcache.fingerprint.v1"
@@ -126,7 +127,7 @@ def probe_layout(model: PreTrainedModel) -> KVLayout:
     cache = DynamicCache(config=model.config)
     ids = torch.zeros((1, 2), dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, cache=cache, use_cache=True)
     shapes = set()
     for i, layer in enumerate(cache.layers):
         if type(layer) is not DynamicLayer:
@@ -145,16 +146,11 @@ def probe_layout(model: PreTrainedModel) -> KVLayout:
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """'demo' (built in code) or a local Hugging Face causal-LM directory."""
+    """'demo' (built in code), 'smollm2' (converted once from its GGUF) or a local Hugging Face directory."""
     if name == "demo":
         model, tokenizer = demo_model(DEMO_SEED, dtype), demo_tokenizer()
     else:
-        path = Path(name).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelError(
-                f"unknown model {name!r}: not 'demo' and not a directory with a config.json; "
-                "pass model='demo' or the path of a local Hugging Face model directory"
-            )
+        path = model_path(name)
         try:
             config = AutoConfig.from_pretrained(path)
         except (OSError, ValueError, KeyError) as e:
@@ -178,13 +174,23 @@ def load_tokenizer(name: str):
     """The tokenizer alone (the router needs no weights)."""
     if name == "demo":
         return demo_tokenizer()
+    return AutoTokenizer.from_pretrained(model_path(name))
+
+
+def model_path(name: str) -> Path:
+    """The Hugging Face directory behind a model name: 'smollm2' (converted on first use) or a path."""
+    if name == smollm2.NAME:
+        try:
+            return smollm2.model_dir()
+        except smollm2.MissingPackage as e:
+            raise ModelError(str(e)) from None
     path = Path(name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(
-            f"unknown model {name!r}: not 'demo' and not a directory with a config.json; "
-            "pass model='demo' or the path of a local Hugging Face model directory"
+            f"unknown model {name!r}: not 'demo', not 'smollm2' and not a directory with a config.json; "
+            "pass model='demo', model='smollm2' or the path of a local Hugging Face model directory"
         )
-    return AutoTokenizer.from_pretrained(path)
+    return path
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer) -> frozenset[int]:

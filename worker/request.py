@@ -125,6 +125,22 @@ class Result:
         return cls(**d)
 
 
+def prompt_ids_problem(ids: list[int], max_new_tokens: int, vocab_size: int, max_context: int) -> str | None:
+    """What is wrong with a tokenized prompt for this model (the router and the engine both ask)."""
+    if not ids:
+        return "prompt tokenizes to no tokens; send some text"
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        return f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); send ids below {vocab_size}"
+    total = len(ids) + max_new_tokens
+    if total > max_context:
+        return (
+            f"prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: {total} exceeds the model "
+            f"context of {max_context}; shorten the prompt or lower max_new_tokens"
+        )
+    return None
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

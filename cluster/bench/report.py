@@ -225,7 +225,8 @@ def write(res: dict, out: Path) -> None:
         "How to read it: in-process modes (a, b, the sweep, the cold-overhead check) run one request at a time "
         "with one torch thread, the compute one service worker gets; service modes (c, d, e) run 2 workers of one "
         "CPU each with two requests in flight per worker. TTFT is measured where the prefill runs (the worker for "
-        "c-e), queueing excluded; latency is at the client, queueing and Ray included. Every service mode gets the "
+        "c-e, from the request's arrival there, waiting for a batch slot included); latency is at the client, "
+        "queueing and Ray included. Every service mode gets the "
         f"same total KV cache ({1024 * svc['total_cache_gb']:.0f} MiB, 1.5x the {svc['working_set_blocks']} blocks of "
         "system prompts). (c) is the same service with `round_robin` placement: each worker caches only what it "
         "saw, what per-replica prefix caching gives behind a plain load balancer.",
@@ -280,6 +281,10 @@ def write(res: dict, out: Path) -> None:
         "![workers](" + PLOTS + "/hit_rate_vs_workers.png)",
         "",
     ]
+    if "batching" in res:
+        from cluster.bench.batching import report_lines
+
+        lines += report_lines(res["batching"])
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + kept_sections(out / "BENCHMARKS.md"))
 
 

@@ -44,15 +44,35 @@ QUICK = Sizes(4, 500, 900, 24, 40, 8, 3, 3, 6, 500, (0, 256, 512, 1024, 1536), (
 FULL = Sizes(8, 1000, 2000, 96, 48, 16, 4, 4, 16, 1024, (0, 512, 1024, 1536, 2048, 3072, 4096), (1, 2, 4))
 
 
-def run_suite(quick: bool, out_dir: Path, *, sizes: Sizes | None = None, log=print) -> dict:
-    import ray
+def run_suite(quick: bool, out_dir: Path, *, sizes: Sizes | None = None, only: str | None = None, log=print) -> dict:
+    from cluster.bench import batching, report
 
-    from cluster.bench import report
-    from worker.actor import NAMESPACE
-
-    size = sizes or (QUICK if quick else FULL)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    previous = out_dir / "bench-results.json"
+    results: dict = json.loads(previous.read_text()) if only and previous.is_file() else {}
+    if only in (None, "service"):
+        results.update(_service_part(quick, sizes or (QUICK if quick else FULL), log))
+    if only in (None, "batching"):
+        threads = torch.get_num_threads()
+        try:
+            results["batching"] = batching.run(batching.QUICK_BATCH if quick else batching.BatchSizes(), log)
+        finally:
+            torch.set_num_threads(threads)
+        results["batching"]["machine"] = machine()
+    results["elapsed_s"] = time.time() - started
+    previous.write_text(json.dumps(results, indent=1, default=str))
+    if "service" in results:
+        report.write(results, out_dir)
+    log(f"benchmarks done in {results['elapsed_s']:.0f}s: {out_dir / 'BENCHMARKS.md'}")
+    return results
+
+
+def _service_part(quick: bool, size: Sizes, log) -> dict:
+    import ray
+
+    from worker.actor import NAMESPACE
+
     results: dict = {"sizes": asdict(size), "quick": quick, "machine": machine()}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -70,10 +90,6 @@ def run_suite(quick: bool, out_dir: Path, *, sizes: Sizes | None = None, log=pri
     finally:
         if own_ray:
             ray.shutdown()
-    results["elapsed_s"] = time.time() - started
-    (out_dir / "bench-results.json").write_text(json.dumps(results, indent=1, default=str))
-    report.write(results, out_dir)
-    log(f"benchmarks done in {results['elapsed_s']:.0f}s: {out_dir / 'BENCHMARKS.md'}")
     return results
 
 
@@ -223,7 +239,13 @@ def service_modes(size: Sizes, log) -> dict:
     out["workers"]["2"] = _hit_and_rate(out["modes"]["d"])
 
     log("service: (e) a device tier a quarter of that, the host tier holding the rest ...")
-    small = Cluster.start(workers=2, service="bench-host", device_cache_gb=per2 / 4, host_cache_gb=per2)
+    # The device tier is also the running requests' KV memory: it must hold the 2 that run on each
+    # worker at once, whatever the quarter is.
+    longest = max(len(r.prompt) + r.max_new_tokens for r in shared("e").requests)
+    running_gb = 2 * (longest // 16 + 2) * BLOCK_BYTES / GB
+    small = Cluster.start(
+        workers=2, service="bench-host", device_cache_gb=max(per2 / 4, running_gb), host_cache_gb=per2
+    )
     try:
         out["modes"]["e"] = mode(small, "e", 2)
     finally:

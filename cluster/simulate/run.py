@@ -69,6 +69,11 @@ def replica_for(chain: Sequence[bytes], arrival: int, replicas: int, affinity: s
     return arrival % replicas
 
 
+def use_clock(router: Router, clock) -> None:
+    """The router times in-flight work with `clock`; in a simulation that is the simulated clock."""
+    router.clock = clock
+
+
 def report_finished(router: Router, plan: Plan, busy_s: float) -> None:
     """The router's load accounting, in the one place the simulator touches it (its API may change)."""
     router.finished(plan, busy_s)
@@ -98,6 +103,9 @@ class Simulation:
         # Several stateless replicas share the index; each knows only the load and predictions of
         # the requests it placed itself. Arrivals are dealt by `replica_for`.
         self.routers = [make_router(policy, ids, self.index, time) for _ in range(routers)]
+        self.now = 0.0
+        for router in self.routers:
+            use_clock(router, lambda: self.now)
         self._arrivals = 0
         self.queues: dict[str, deque] = {w: deque() for w in ids}
         self.busy_until: dict[str, float | None] = dict.fromkeys(ids)
@@ -115,6 +123,7 @@ class Simulation:
             self._push(p.req.arrival_s, ARRIVE, p)
         while self._events:
             t, kind, _, payload = heapq.heappop(self._events)
+            self.now = t
             (self._finish, self._prefill_done, self._start, self._arrive)[kind](t, *payload)
         return self.outcomes
 

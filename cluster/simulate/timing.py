@@ -42,6 +42,7 @@ class TimeModel:
             prefill_s_per_token=self.prefill_s_per_token,
             transfer_s_per_block=self.transfer_s_per_block,
             transfer_overhead_s=self.transfer_overhead_s,
+            max_running=1,  # a simulated worker serves one request at a time (FIFO)
         )
 
 

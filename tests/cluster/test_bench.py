@@ -21,6 +21,7 @@ def test_quick_bench_writes_the_report(ray_local, tmp_path):
         "## No sharing",
         "## Prefix length sweep",
         "## Workers",
+        "## Batching: one worker under closed-loop concurrency",
     ):
         assert heading in text
     for mode in (
@@ -42,3 +43,9 @@ def test_quick_bench_writes_the_report(ray_local, tmp_path):
     assert sum(r["cached_tokens"] for r in svc["d"]["shared"]) > 0
     assert sum(r["cached_tokens"] for r in svc["d"]["chats"]) > 0
     assert all(r["cached_tokens"] == 0 for r in svc["d"]["cold"])
+    batching = results["batching"]["runs"]
+    for key, run in batching.items():  # every mode served every request with the asked-for length
+        assert run["requests"] == len(run["samples"]) > 0, key
+        assert all(s["new_tokens"] == results["batching"]["sizes"]["new_tokens"] for s in run["samples"]), key
+    assert batching["shared/4/i"]["hit_rate"] > 0 and batching["cold/4/i"]["hit_rate"] == 0
+    assert batching["shared/4/iv"]["hit_rate"] == 0

@@ -50,16 +50,20 @@ def test_outputs_equal_a_cold_run(cluster):
 
 
 def test_peer_fetch_when_the_holder_is_busy(cluster):
+    """A burst sharing a cached prefix, each with its own long question: the holder's queued
+    prefill soon costs more than pulling the prefix, so part of the burst runs on the other
+    worker with the prefix fetched, and every answer equals the cold one."""
     prompt = "A long prompt that one worker computes and the other pulls. " * 20  # ~1,200 tokens
-    cold = cluster.generate([prompt], max_new_tokens=6, cache_salt="peer-cold")[0]
+    questions = [f" Question {i}: " + "why " * 150 for i in range(4)]  # ~600 uncached tokens each
+    cold = cluster.generate([prompt + q for q in questions], max_new_tokens=6, cache_salt="peer-cold")
     warm = cluster.generate([prompt], max_new_tokens=6, cache_salt="peer")[0]
-    burst = cluster.generate([prompt] * 4, max_new_tokens=6, cache_salt="peer")
+    burst = cluster.generate([prompt + q for q in questions], max_new_tokens=6, cache_salt="peer")
     fetched = [r for r in burst if r.cached_peer_tokens > 0]
     assert fetched, [(r.worker_id, r.cached_tokens, r.extra) for r in burst]
     for r in fetched:
         assert r.worker_id != warm.worker_id
         assert r.cached_tokens == r.cached_peer_tokens + r.cached_device_tokens + r.cached_host_tokens
-    assert all(r.token_ids == cold.token_ids for r in [warm, *burst])
+    assert [r.token_ids for r in burst] == [r.token_ids for r in cold]
 
 
 def test_stats_count_exactly_what_was_sent(cluster):
@@ -125,3 +129,32 @@ def test_scale_out_adds_a_serving_worker(cluster):
     results = [cluster.generate([f"A brand new prefix number {i}. " * 4], max_new_tokens=1)[0] for i in range(3)]
     assert "worker-2" in {r.worker_id for r in results}  # new prefixes go where the fewest live
     assert cluster.stats()["workers"]["worker-2"]["alive"]
+
+
+def test_stream_through_the_router_and_a_dropped_stream_frees_its_blocks(cluster):
+    prompt = "Streaming through the router, token by token. " * 3
+    [full] = cluster.generate([prompt], max_new_tokens=24)
+    chunks = list(cluster.stream(prompt, max_new_tokens=24))
+    result = chunks[-1].result
+    assert result is not None and result.ok and result.token_ids == full.token_ids
+    assert "".join(c.text for c in chunks[:-1]) == full.text
+    assert len(chunks) > 3  # pieces arrived one by one, not as one block at the end
+    assert result.cached_tokens > 0  # the first call cached the prompt
+
+    stats = lambda: cluster.stats()["workers"]  # noqa: E731
+    before = sum(w["counters"].get("cancelled_requests", 0) for w in stats().values())
+    it = cluster.stream(prompt + " A long answer, please.", max_new_tokens=2000)
+    next(it)
+    it.close()  # the client went away: the worker cancels the request
+    import time
+
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        workers = stats()
+        cancelled = sum(w["counters"].get("cancelled_requests", 0) for w in workers.values())
+        if cancelled > before and all(w["device_tier"]["pinned"] == 0 for w in workers.values()):
+            break
+        time.sleep(0.2)
+    assert cancelled == before + 1, "the dropped stream was not cancelled on its worker"
+    assert all(w["device_tier"]["pinned"] == 0 for w in workers.values())
+    assert cluster.generate(["still serving"], max_new_tokens=2)[0].ok

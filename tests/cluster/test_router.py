@@ -122,3 +122,37 @@ def test_predictions_end_with_the_request(index):
     # the next request is placed as a cold one, where the fewest prefixes live.
     third = router.place(ids, chain)
     assert third.placement.reason == "load" and third.placement.local_blocks == 0
+
+
+def test_a_batching_holder_takes_a_burst_until_its_queued_prefill_costs_more_than_a_fetch(index):
+    router = make_router(index)
+    for w in ("w0", "w1"):
+        router.set_costs(
+            w,
+            WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=0.02, max_running=8),
+        )
+    ids, chain = router.prepare(Request("Popular system prompt. " * 10))  # 14 blocks + 6 tokens
+    publish(index, "w0", chain)
+    warm = [router.place(ids, chain).placement.worker_id for _ in range(3)]
+    assert warm == ["w0"] * 3  # batched together: 6 ms of prefill each queued, less than a 22 ms fetch
+    spread = []
+    for q in "abc":  # each brings its own 400 uncached tokens (0.4 s of prefill)
+        long_ids, long_chain = router.prepare(Request(ids + [ord(q)] * 400))
+        spread.append(router.place(long_ids, long_chain).placement)
+    assert spread[0].worker_id == "w0"
+    assert any(p.worker_id == "w1" and p.peer == ("w0", len(chain)) for p in spread[1:])
+
+
+def test_queued_prefill_is_forgotten_as_it_runs(index):
+    router = make_router(index)
+    now = [1000.0]
+    router.clock = lambda: now[0]
+    ids, chain = router.prepare(Request("x" * 500))
+    plan = router.place(ids, chain)
+    w = plan.placement.worker_id
+    queued = router._load_s([w], 0.0)[w]
+    assert queued == pytest.approx(0.5, rel=0.01)  # 500 uncached tokens at 1 ms each
+    now[0] += 0.3
+    assert router._load_s([w], 0.0)[w] == pytest.approx(0.2, rel=0.05)
+    router.finished(plan, 0.4)
+    assert router._load_s([w], 0.0)[w] == 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -66,8 +68,12 @@ def test_embedded_redis_is_local_and_password_protected(cluster):
 def test_audit_rechecks_hits_and_finds_no_mismatch(cluster):
     before = cluster.stats()["totals"]
     results = cluster.generate([SYSTEM + f"audit {i}" for i in range(3)], max_new_tokens=2)
-    after = cluster.stats()["totals"]
     hits = sum(r.cached_tokens > 0 for r in results)
     assert hits >= 2
+    # an audit is queued behind the request it checks, so it lands a step or two after the result
+    deadline = time.time() + 30
+    while (after := cluster.stats()["totals"])["audit_checked"] - before["audit_checked"] < hits:
+        assert time.time() < deadline, "audits did not run"
+        time.sleep(0.2)
     assert after["audit_checked"] - before["audit_checked"] == hits
     assert after["audit_mismatches"] == 0

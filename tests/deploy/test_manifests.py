@@ -138,7 +138,7 @@ def test_services_and_images_agree_with_the_code():
     assert f"FROM {release.RAY_GPU_IMAGE}" in dockerfile
     assert release.PREFIXCACHE_VERSION in dockerfile
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert f'"ray[default]=={release.RAY_VERSION}"' in pyproject
+    assert f'"ray[default,serve]=={release.RAY_VERSION}"' in pyproject  # serve: the HTTP API
     assert f'version = "{release.PREFIXCACHE_VERSION}"' in pyproject
 
 

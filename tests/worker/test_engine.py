@@ -88,14 +88,17 @@ def test_counters_add_up(tmp_path):
 
 
 def test_pin_prefix_survives_pressure():
+    # 8 device blocks: the running request's KV lives in the same pool, so 3 pinned blocks leave 5
     engine = Engine.from_pretrained(
-        "demo", device="cpu", cache_config=CacheConfig(device_bytes=4 * 131072, host_bytes=0)
+        "demo", device="cpu", cache_config=CacheConfig(device_bytes=8 * 131072, host_bytes=0)
     )
     system = "You are a careful assistant!" * 2  # 56 bytes = 3 full blocks
     engine.generate([system], max_new_tokens=0)
     assert engine.pin_prefix(system) == 48
     for i in range(6):
-        engine.generate([f"Unrelated prompt number {i} " * 3], max_new_tokens=1)
+        [r] = engine.generate([f"Unrelated prompt number {i} " * 2], max_new_tokens=1)  # 4 blocks each
+        assert r.ok, r.error
+    assert engine.store.stats().counters["dropped_blocks_device"] > 0
     [r] = engine.generate([system + " question"], max_new_tokens=1)
     assert r.cached_tokens == 48
     assert engine.unpin_prefix(system)
@@ -132,3 +135,18 @@ def test_a_different_model_never_hits_in_the_index(valkey, tiny_dirs):
     finally:
         a.close()
         b.close()
+
+
+def test_the_audit_reports_a_corrupted_cached_block():
+    engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=0.05, host_cache_gb=0, audit_fraction=1.0)
+    prompt = "An audited system prompt of a few blocks. " * 2
+    engine.generate([prompt], max_new_tokens=1)
+    engine.generate([prompt + "clean hit"], max_new_tokens=1)
+    assert engine.counters.snapshot().get("audit_checked") == 1
+    assert engine.counters.snapshot().get("audit_mismatches", 0) == 0
+    ids = engine.tokenize(prompt)
+    first = engine.store.tree.get(engine.chain(ids)[0])
+    engine.store.device_pool.data[first.slot].mul_(-3.0)  # what a wrong block would look like
+    engine.generate([prompt + "corrupted hit"], max_new_tokens=1)
+    assert engine.counters.snapshot().get("audit_checked") == 2
+    assert engine.counters.snapshot().get("audit_mismatches") == 1

@@ -8,8 +8,6 @@ logits within 1e-4, for every cached length and every tier, and
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -18,8 +16,9 @@ from worker.engine import Engine
 from worker.models import load_model
 from worker.request import Request
 
+from .reference import ATOL, rand_ids, reference
+
 MODELS = ["demo", "llama", "qwen2", "mistral", "gemma"]
-ATOL = 1e-4
 N_NEW = 6
 
 
@@ -31,20 +30,6 @@ def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_si
     block_bytes = lay.layers * 2 * lay.kv_heads * bs * lay.head_dim * 4
     cfg = CacheConfig(block_size=bs, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
     return Engine(loaded, cfg, device=torch.device("cpu"))
-
-
-def rand_ids(n, seed):
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(n)]
-
-
-@torch.no_grad()
-def reference(engine: Engine, ids, n_new=N_NEW):
-    """Plain transformers: generate() with no cache reuse, and a full forward for the logits."""
-    x = torch.tensor([ids])
-    out = engine.model.generate(x, max_new_tokens=n_new, do_sample=False, pad_token_id=258)
-    logits = engine.model(x).logits[0, -1].float()
-    return tuple(out[0, len(ids) :].tolist()), logits
 
 
 class PrefillCounter:

@@ -15,7 +15,9 @@ from worker.engine import Engine
 from worker.models import load_model
 from worker.request import Request
 
-from .test_exactness import ATOL, N_NEW, rand_ids
+from .reference import ATOL, rand_ids
+
+N_NEW = 6
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -1,0 +1,102 @@
+"""Response bodies in OpenAI's shapes, for whole responses and for SSE chunks.
+
+`usage.prompt_tokens_details.cached_tokens` is OpenAI's own field for prompt caching: here it is
+the number of prompt tokens whose prefill the cache skipped, so clients see the cache work.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Result.finish_reason -> OpenAI's
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(results: list[dict[str, Any]]) -> dict[str, Any]:
+    prompt = sum(r["prompt_tokens"] for r in results)
+    completion = sum(len(r["token_ids"]) for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(r["cached_tokens"] for r in results)},
+    }
+
+
+def finish_reason(result: dict[str, Any]) -> str:
+    return FINISH.get(result["finish_reason"], "stop")
+
+
+class Responder:
+    """Builds the bodies of one request: the same id, creation time, model and fingerprint throughout."""
+
+    def __init__(self, chat: bool, model: str, fingerprint: str):
+        self.chat, self.model = chat, model
+        self.id = new_id(chat)
+        self.created = int(time.time())
+        self.system_fingerprint = f"prefixcache-{fingerprint[:16]}"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
+        }
+
+    def whole(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.chat:
+            choices = [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r["text"]},
+                    "logprobs": None,
+                    "finish_reason": finish_reason(r),
+                }
+                for i, r in enumerate(results)
+            ]
+        else:
+            choices = [
+                {"index": i, "text": r["text"], "logprobs": None, "finish_reason": finish_reason(r)}
+                for i, r in enumerate(results)
+            ]
+        return {
+            **self._head("chat.completion" if self.chat else "text_completion"),
+            "choices": choices,
+            "usage": usage(results),
+        }
+
+    def chunk(
+        self, text: str | None, finish: str | None = None, *, first: bool = False, with_usage: bool = False
+    ) -> bytes:
+        """One SSE event with a piece of text (or the final finish_reason)."""
+        if self.chat:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+            if text:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        body = {**self._head(self._chunk_object()), "choices": [choice]}
+        if with_usage:
+            body["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
+        return sse(body)
+
+    def usage_chunk(self, result: dict[str, Any]) -> bytes:
+        return sse({**self._head(self._chunk_object()), "choices": [], "usage": usage([result])})
+
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
