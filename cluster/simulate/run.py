@@ -15,6 +15,7 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 
+from cache_store import CacheConfig
 from cluster.policies import make_policy
 from cluster.router import Plan, Router
 from cluster.simulate.index import SimIndex
@@ -25,7 +26,7 @@ from cluster.simulate.worker import SimWorker
 
 FINISH, PREFILL, START, ARRIVE = range(4)  # tie order at equal times
 AFFINITIES = ("prefix", "round_robin")  # how arrivals are dealt to router replicas
-REFRESH_S = 2.0  # how stale a worker's view of holder counts may be (its heartbeat period)
+REFRESH_S = CacheConfig().heartbeat_s  # a worker refreshes holder counts with each heartbeat
 
 
 class Prepared:
