@@ -57,7 +57,7 @@ class ModelRunner:
 
     def _span(self, seq: Sequence, q_start: int, n: int) -> Span:
         ctx = seq.kv_len + n
-        table = torch.tensor(seq.table, dtype=torch.long, device=self.device)
-        slots = table.repeat_interleave(self.block_size)[:ctx]
+        blocks = torch.tensor(seq.table[: -(-ctx // self.block_size)], dtype=torch.long, device=self.device)
+        slots = blocks.repeat_interleave(self.block_size)[:ctx]
         offsets = torch.arange(ctx, device=self.device) % self.block_size
-        return Span(q_start, n, ctx, slots, offsets)
+        return Span(q_start, n, ctx, blocks, slots, offsets)
