@@ -388,7 +388,7 @@ class TieredStore:
             return StoreStats(tiers[0], tiers[1], self.counters.snapshot())
 
     def check_invariants(self) -> None:
-        """Raise AssertionError if bookkeeping disagrees (used by tests and the audit)."""
+        """Raise AssertionError if the tree and the pools disagree on what is used (tests call it)."""
         with self._lock:
             t = self.tree.stats()
             for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):

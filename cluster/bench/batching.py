@@ -41,11 +41,14 @@ class BatchSizes:
     cold_tokens: int = 512
     new_tokens: int = 32
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    min_requests: int = 8  # per concurrency level: 2 x c, at least this many and at most max_requests
+    # Requests per concurrency level: waves_per_client x c, at least min_requests and at most max_requests
+    # (four waves at c=16: one or two waves last a few seconds, too short to read a rate from).
+    min_requests: int = 8
     max_requests: int = 96
+    waves_per_client: int = 4
 
 
-QUICK_BATCH = BatchSizes(2, 256, 16, 128, 8, (1, 4), 4)
+QUICK_BATCH = BatchSizes(2, 256, 16, 128, 8, (1, 4), 4, waves_per_client=2)
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ def run(size: BatchSizes, log=print) -> dict:
 
     for workload in ("shared", "cold"):
         for c in size.concurrency:
-            n = min(size.max_requests, max(size.min_requests, 2 * c))
+            n = min(size.max_requests, max(size.min_requests, size.waves_per_client * c))
             work = prompts(size, workload, n, seed=c)
             # Warm-up, not timed: one unrelated prompt, and on `shared` each system prompt once (the
             # workload is about hot system prompts; a cold start is the `cold` workload's business).
