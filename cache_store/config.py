@@ -8,9 +8,8 @@ from dataclasses import dataclass
 from cache_store.errors import ConfigError
 from cache_store.policy import POLICIES
 
-GIB = 1 << 30
+GIB = 1 << 30  # users give tier budgets in GiB (CLI, ServiceSpec, Engine.from_pretrained)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-EVICTION_POLICIES = tuple(POLICIES)
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,11 @@ class CacheConfig:
     redis_timeout_s: float = 1.0  # bounded wait on every index call
     redis_retry_s: float = 2.0  # after a failure, skip Redis this long before probing again
 
+    @classmethod
+    def from_gb(cls, device_gb: float, host_gb: float, **settings) -> CacheConfig:
+        """Tier budgets in GiB, as users give them; `settings` are the other fields."""
+        return cls(device_bytes=int(device_gb * GIB), host_bytes=int(host_gb * GIB), **settings)
+
     def __post_init__(self) -> None:
         if not (isinstance(self.block_size, int) and 1 <= self.block_size <= 4096):
             raise ConfigError(f"block_size must be an int in 1..4096, got {self.block_size!r}")
@@ -42,8 +46,8 @@ class CacheConfig:
                 raise ConfigError(f"{name} must be a non-negative int of bytes, got {value!r}")
         if self.device_bytes == 0:
             raise ConfigError("device_bytes must be > 0: the device tier holds every block in use")
-        if self.eviction not in EVICTION_POLICIES:
-            raise ConfigError(f"eviction must be one of {EVICTION_POLICIES}, got {self.eviction!r}")
+        if self.eviction not in POLICIES:
+            raise ConfigError(f"eviction must be one of {tuple(POLICIES)}, got {self.eviction!r}")
         if not _NAME.match(self.service):
             raise ConfigError(
                 f"service must be 1-64 characters of letters, digits, '_', '.', '-', got {self.service!r}"
@@ -56,3 +60,8 @@ class CacheConfig:
         for name in ("redis_timeout_s", "redis_retry_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+# The tier budgets' defaults in GiB, for the interfaces that take GiB.
+DEVICE_CACHE_GB = CacheConfig.device_bytes / GIB
+HOST_CACHE_GB = CacheConfig.host_bytes / GIB

@@ -28,6 +28,7 @@ write a request's own slots (held or working) without the lock.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -480,3 +481,33 @@ class TieredStore:
             self._events.append(("remove", v.hash, tier))
         (self.device_pool if tier == DEVICE else self.host_pool).free([v.slot for v in victims])
         self.counters.add(f"dropped_blocks_{tier}", len(victims))
+
+
+def time_promotion(shape: KVShape, device: torch.device | str, rounds: int = 3) -> float:
+    """Seconds to promote one block from the host tier to the device tier on `device`, timed
+    through a TieredStore of one device and one host block (the production path: match, pin,
+    copy, tree and index bookkeeping); best of `rounds` after a warm-up. A store of its own, so
+    the measurement leaves no block and no counter in the caller's cache."""
+    device = torch.device(device)
+    bb = shape.block_bytes
+    store = TieredStore(CacheConfig(block_size=shape.block_size, device_bytes=bb, host_bytes=bb), shape, device)
+    h, tokens = BlockHash(bytes(16)), [tuple(range(shape.block_size))]
+    store.insert(None, [h], tokens, torch.zeros((1, *shape.block_dims), dtype=shape.dtype))
+    best = float("inf")
+    for i in range(rounds + 1):
+        store.free_working(store.alloc_working(1))  # the device tier is full: the block spills to host
+        _sync(device)
+        t = time.perf_counter()
+        hold = store.acquire([h], tokens)
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - t)
+        if hold.host_hits != 1 or hold.blocks[0].tier != DEVICE:
+            raise AssertionError(f"promotion not timed: {hold}")
+        store.release(hold)
+    return best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

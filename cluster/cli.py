@@ -22,13 +22,18 @@ import logging
 import os
 import sys
 
+from cache_store import DEVICE_CACHE_GB, HOST_CACHE_GB, CacheConfig
+from cache_store.policy import POLICIES as EVICTION_POLICIES
 from cluster.bench import PARTS as BENCH_PARTS
+from cluster.policies import DEFAULT_POLICY
+from cluster.policies import POLICIES as ROUTING_POLICIES
+from worker.config import DEVICE_DEFAULTS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
 
 def _service_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--service", default="default", help="service name (several can share one Ray cluster)")
+    p.add_argument("--service", default=CacheConfig.service, help="service name (several can share one Ray cluster)")
 
 
 def _address_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -67,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_demo, _start, _add_workers, _stop_and_status, _submit, _dashboard, _bench, _simulate, _demo_model):
+        add(sub)
+    return parser
 
+
+def _demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="local service on a real instruct model; chats through its OpenAI-compatible API; results table"
     )
@@ -82,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", action="store_true", help="exit after the table instead of serving the API and dashboard"
     )
 
+
+def _start(sub) -> None:
     p = sub.add_parser("start", help="start router + workers on a running Ray cluster")
     _address_arg(p)
     _service_args(p)
@@ -92,26 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--redis-url", default=None, help="redis://[:PASSWORD@]HOST:PORT; default: embedded (single-node only)"
     )
-    p.add_argument("--device-cache-gb", type=float, default=0.5)
-    p.add_argument("--host-cache-gb", type=float, default=1.0)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--policy", default="cache_aware", choices=["cache_aware", "round_robin", "least_loaded"])
-    p.add_argument(
-        "--eviction",
-        default="lru",
-        help="lru (default), bounded_slru, slru, lfu, priority (cache_store.policy); bounded_slru protects reused "
-        "blocks up to half the tier; slru protects them all (can starve chat turns)",
-    )
-    p.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
-    )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        default=None,
-        help="default: 1 when the cluster has GPUs, else 0; 0.5 puts two workers on a GPU",
-    )
+    _cache_args(p)
+    _placement_args(p)
     p.add_argument(
         "--tenant-mode",
         action="store_true",
@@ -124,24 +118,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of cache hits re-computed without the cache and compared (e.g. 0.01)",
     )
     _http_args(p, default_port=None)
+    _batching_args(p)
+
+
+def _cache_args(p: argparse.ArgumentParser) -> None:
+    """Each worker's cache and the routing over them; defaults and names from CacheConfig and the registries."""
+    p.add_argument("--device-cache-gb", type=float, default=DEVICE_CACHE_GB)
+    p.add_argument("--host-cache-gb", type=float, default=HOST_CACHE_GB)
+    p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
+    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(ROUTING_POLICIES))
+    p.add_argument(
+        "--eviction",
+        default=CacheConfig.eviction,
+        choices=list(EVICTION_POLICIES),
+        help=f"{CacheConfig.eviction} by default (cache_store.policy); bounded_slru protects reused "
+        "blocks up to half the tier; slru protects them all (can starve chat turns)",
+    )
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
+    )
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        help="default: 1 when the cluster has GPUs, else 0; 0.5 puts two workers on a GPU",
+    )
+
+
+def _batching_args(p: argparse.ArgumentParser) -> None:
+    (cpu_running, cpu_tokens), (gpu_running, gpu_tokens) = DEVICE_DEFAULTS["cpu"], DEVICE_DEFAULTS["cuda"]
     p.add_argument(
         "--max-running",
         type=int,
         default=None,
-        help="requests each worker batches into one forward (default: 32 on CPU, 256 on GPU; 1 = one at a time)",
+        help=f"requests each worker batches into one forward (default: {cpu_running} on CPU, {gpu_running} on GPU; "
+        "1 = one at a time)",
     )
     p.add_argument(
         "--max-batch-tokens",
         type=int,
         default=None,
-        help="tokens per forward, decodes plus prefill chunks (default: 256 on CPU, 2048 on GPU)",
+        help=f"tokens per forward, decodes plus prefill chunks (default: {cpu_tokens} on CPU, {gpu_tokens} on GPU)",
     )
 
+
+def _add_workers(sub) -> None:
     p = sub.add_parser("add-workers", help="scale out: start N more workers with the service's settings")
     p.add_argument("n", type=int)
     _address_arg(p)
     _service_args(p)
 
+
+def _stop_and_status(sub) -> None:
     for name, text in (("stop", "stop the service started with `start`"), ("status", "hit rates, workers, index")):
         p = sub.add_parser(name, help=text)
         _address_arg(p)
@@ -149,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw stats as JSON")
 
+
+def _submit(sub) -> None:
     p = sub.add_parser("submit", help="run a JSONL batch (one request per line); writes results JSONL")
     p.add_argument("file", help='input JSONL: {"prompt": ..., "max_new_tokens": ..., "id": ...} per line')
     _address_arg(p)
@@ -165,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--marked", action="store_true", help=argparse.SUPPRESS)  # result lines for a Ray Job's log
 
+
+def _dashboard(sub) -> None:
     p = sub.add_parser("dashboard", help="serve the hit-rate dashboard, /api/stats and /metrics from the index")
     p.add_argument(
         "--redis-url",
@@ -180,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="require 'Authorization: Bearer TOKEN' (default: $PREFIXCACHE_DASHBOARD_TOKEN)",
     )
 
+
+def _bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark suite; writes BENCHMARKS.md and plots")
     p.add_argument("--quick", action="store_true", help="small sizes (under 5 minutes on 2 CPU cores)")
     p.add_argument("--out", default=".", help="directory for BENCHMARKS.md and plots")
@@ -189,14 +227,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="rerun one part, keeping the other's numbers from OUT/bench-results.json",
     )
 
+
+def _simulate(sub) -> None:
     p = sub.add_parser(
         "simulate", help="replay a request trace through the real router and eviction on simulated workers"
     )
     p.add_argument("--trace", required=True, help="JSONL in the Mooncake format (timestamp, input_length, hash_ids)")
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--capacity-blocks", type=int, required=True, help="cache blocks (of 512 tokens) per worker")
+    # no `choices`: a wrong name is answered with the policies to choose from (cluster.simulate.command)
     p.add_argument("--policy", default="all", help="a routing policy name, or 'all' (default)")
-    p.add_argument("--eviction", default="lru", help="eviction policy of every worker's cache (default lru)")
+    p.add_argument(
+        "--eviction",
+        default=CacheConfig.eviction,
+        choices=list(EVICTION_POLICIES),
+        help=f"eviction policy of every worker's cache (default {CacheConfig.eviction})",
+    )
     p.add_argument(
         "--no-duplicates-first", action="store_true", help="plain eviction order (ignore copies other workers hold)"
     )
@@ -218,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p.add_argument(flag, type=float, default=None, help=f"{text} (default: cluster.simulate.timing)")
 
+
+def _demo_model(sub) -> None:
     p = sub.add_parser("demo-model", help="write the built-in demo model in Hugging Face format")
     p.add_argument("dir")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

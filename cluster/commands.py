@@ -191,10 +191,11 @@ def status(args) -> int:
 
 def _crossover_line(worker: str, c: dict) -> str:
     """One worker's measured costs, and from how many blocks pulling KV from a peer beats recomputing it."""
-    prefill = f"prefill {c['prefill_ms_per_token']:.3f} ms/token"
-    if c["transfer_ms_per_block"] == float("inf"):
+    prefill = f"prefill {c['prefill_s_per_token'] * 1e3:.3f} ms/token"
+    if c["transfer_s_per_block"] == float("inf"):
         return f"  {worker}: {prefill}; transfer not measured (one worker): always recompute"
-    transfer = f"transfer {c['transfer_ms_per_block']:.2f} ms/block + {c['transfer_overhead_ms']:.1f} ms per fetch"
+    per_block, overhead = c["transfer_s_per_block"] * 1e3, c["transfer_overhead_s"] * 1e3
+    transfer = f"transfer {per_block:.2f} ms/block + {overhead:.1f} ms per fetch"
     n = c["crossover_blocks"]
     verdict = "never pays" if n == float("inf") else f"fetching pays from {max(1, math.ceil(n))} block(s)"
     return f"  {worker}: {prefill}, {transfer}: {verdict}"

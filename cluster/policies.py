@@ -27,20 +27,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from cache_store import BlockHash, Holding
-
-
-@dataclass(frozen=True)
-class WorkerCosts:
-    """Per-worker cost terms, in seconds (from the worker's own measurements)."""
-
-    prefill_s_per_token: float = 4e-4
-    promote_s_per_block: float = 2e-5
-    transfer_s_per_block: float = float("inf")  # not calibrated: never fetch
-    transfer_overhead_s: float = 0.0
-    max_running: int = 1  # requests the worker's engine batches into one forward
-
-    def fetch_s(self, n_blocks: int) -> float:
-        return self.transfer_overhead_s + n_blocks * self.transfer_s_per_block if n_blocks else 0.0
+from worker.costs import CostModel
 
 
 @dataclass(frozen=True)
@@ -51,7 +38,7 @@ class PlacementInput:
     workers: Sequence[str]  # live candidates, in a stable order
     inflight: Mapping[str, int]
     holdings: Sequence[Holding] | None  # what the index says (fetchable); None: index unavailable
-    costs: Mapping[str, WorkerCosts] = field(default_factory=dict)
+    costs: Mapping[str, CostModel] = field(default_factory=dict)
     service_s: float = 0.05  # recent mean time a request occupies a worker
     prefixes: Mapping[str, int] = field(default_factory=dict)  # distinct prompt prefixes recently placed per worker
     turn: int = 0  # rotates tie-breaks between equal workers
@@ -144,7 +131,7 @@ class CacheAware:
     def _estimate(
         self, x: PlacementInput, w: str, actual: Mapping[str, Holding], expect: Mapping[str, int], elsewhere: int
     ) -> tuple[float, Placement]:
-        c = x.costs.get(w, WorkerCosts())
+        c = x.costs.get(w, CostModel())
         local = expect[w]
         on_host = actual[w].blocks - actual[w].device_blocks if w in actual else 0
         peer, fetch = None, 0
@@ -154,7 +141,7 @@ class CacheAware:
             if others:
                 top = max(others, key=lambda h: (h.blocks, -x.inflight.get(h.worker_id, 0)))
                 extra = top.blocks - local
-                if c.fetch_s(extra) < extra * x.block_size * c.prefill_s_per_token:
+                if c.fetch_pays(extra, x.block_size):
                     peer, fetch = (top.worker_id, top.blocks), extra
         cached_tokens = min((local + fetch) * x.block_size, x.prompt_tokens - 1)
         # Blocks another worker holds (or is computing) that this one would compute again (`elsewhere`:
@@ -162,8 +149,8 @@ class CacheAware:
         # spreading a burst.
         duplicated = max(0, elsewhere - local - fetch) * x.block_size
         cost = (
-            (x.prompt_tokens - cached_tokens) * c.prefill_s_per_token
-            + self.duplicate_weight * duplicated * c.prefill_s_per_token
+            c.prefill_s(x.prompt_tokens - cached_tokens)
+            + self.duplicate_weight * c.prefill_s(duplicated)
             + on_host * c.promote_s_per_block
             + c.fetch_s(fetch)
             + x.queue_s(w)
@@ -185,7 +172,8 @@ class CacheAware:
         return Placement(ranked[0], 0, None, "fallback", 0)
 
 
-POLICIES = {"cache_aware": CacheAware, "round_robin": RoundRobin, "least_loaded": LeastLoaded}
+POLICIES: dict[str, type] = {cls.name: cls for cls in (CacheAware, RoundRobin, LeastLoaded)}
+DEFAULT_POLICY = CacheAware.name  # what a service routes with unless told otherwise
 
 
 def make_policy(name: str) -> Policy:
@@ -214,12 +202,12 @@ def _shortlist(x: PlacementInput, expect: Mapping[str, int]) -> list[tuple[int, 
     win; at 1,000 workers this keeps a placement to the holders plus a few."""
     n = len(x.workers)
     out: list[tuple[int, str]] = []
-    idle: dict[WorkerCosts, tuple[tuple, int, str]] = {}
+    idle: dict[CostModel, tuple[tuple, int, str]] = {}
     for i, w in enumerate(x.workers):
         if expect.get(w, 0) > 0:
             out.append((i, w))
             continue
-        c = x.costs.get(w, WorkerCosts())
+        c = x.costs.get(w, CostModel())
         key = (x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
         if c not in idle or key < idle[c][0]:
             idle[c] = (key, i, w)

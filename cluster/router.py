@@ -16,7 +16,8 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
-from cluster.policies import Placement, PlacementInput, Policy, WorkerCosts
+from cluster.policies import Placement, PlacementInput, Policy
+from worker.costs import CostModel
 from worker.request import Request, prompt_ids_problem
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
@@ -65,7 +66,7 @@ class Router:
         self.workers = list(workers)
         self.alive = set(workers)
         self.inflight: Counter[str] = Counter()
-        self.costs: dict[str, WorkerCosts] = {}
+        self.costs: dict[str, CostModel] = {}
         self.service_s: float | None = None  # mean seconds a request occupies a worker (EMA)
         self.counters = Counters()
         # Hashes some worker was seen holding: a later miss on one of them was an eviction.
@@ -151,9 +152,9 @@ class Router:
     def _prefill_s(self, plan: Plan) -> float:
         """(Lock held.) Estimated prefill seconds of a placed request on its worker."""
         p = plan.placement
-        cost = self.costs.get(p.worker_id, WorkerCosts())
+        cost = self.costs.get(p.worker_id, CostModel())
         local = max(p.local_blocks, p.peer[1] if p.peer else 0) * self.block_size
-        return max(1, len(plan.token_ids) - local) * cost.prefill_s_per_token
+        return cost.prefill_s(max(1, len(plan.token_ids) - local))
 
     def _load_s(self, workers: Sequence[str], service_s: float) -> dict[str, float]:
         """(Lock held.) Seconds a new request waits on each worker before its own prefill runs.
@@ -168,9 +169,9 @@ class Router:
             if w in load:
                 load[w] += max(0.0, prefill_s - (now - placed))
         for w in workers:
-            over = self.inflight.get(w, 0) - self.costs.get(w, WorkerCosts()).max_running
+            over = self.inflight.get(w, 0) - self.costs.get(w, CostModel()).max_running
             if over >= 0:
-                load[w] += (over + 1) * service_s / max(1, self.costs.get(w, WorkerCosts()).max_running)
+                load[w] += (over + 1) * service_s / max(1, self.costs.get(w, CostModel()).max_running)
         return load
 
     def _predicted(self, chain, candidates) -> dict[str, int]:
@@ -286,7 +287,7 @@ class Router:
 
     def _default_service_s(self) -> float:
         """Before any request finished: assume a 512-token prefill (lock held)."""
-        rates = [c.prefill_s_per_token for c in self.costs.values()] or [WorkerCosts().prefill_s_per_token]
+        rates = [c.prefill_s_per_token for c in self.costs.values()] or [CostModel().prefill_s_per_token]
         return 512 * sum(rates) / len(rates)
 
     def mark_dead(self, worker: str) -> None:
@@ -304,6 +305,6 @@ class Router:
                 self.workers.append(worker)
             self.alive.add(worker)
 
-    def set_costs(self, worker: str, costs: WorkerCosts) -> None:
+    def set_costs(self, worker: str, costs: CostModel) -> None:
         with self._lock:
             self.costs[worker] = costs

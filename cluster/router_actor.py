@@ -23,11 +23,12 @@ import ray
 
 from cache_store import IndexUnavailable, MetadataIndex
 from cluster.dashboard.collect import record_history
-from cluster.policies import WorkerCosts, make_policy
+from cluster.policies import make_policy
 from cluster.router import NoWorker, Plan, Router
 from cluster.service import ServiceSpec, redis_name
 from cluster.stats import summarize
 from worker.actor import NAMESPACE, worker_actor_name
+from worker.costs import CostModel
 from worker.models import load_tokenizer
 from worker.request import Request, Result
 
@@ -337,16 +338,7 @@ class RouterService:
                 s = await asyncio.wait_for(h.stats.remote(), HEALTH_TIMEOUT_S)
             except (ray.exceptions.RayError, asyncio.TimeoutError):
                 continue
-            c = s["costs"]
-            self.router.set_costs(
-                w,
-                WorkerCosts(
-                    prefill_s_per_token=c["prefill_ms_per_token"] / 1e3,
-                    transfer_s_per_block=c["transfer_ms_per_block"] / 1e3,
-                    transfer_overhead_s=c["transfer_overhead_ms"] / 1e3,
-                    max_running=int(s.get("max_running", 1)),
-                ),
-            )
+            self.router.set_costs(w, CostModel.from_dict(s["costs"]))
 
     def _flush_counters(self) -> None:
         """Router counters and prefix hits to the index; kept for the next try if it is down."""

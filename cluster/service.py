@@ -17,12 +17,10 @@ from typing import Any, NamedTuple
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cache_store import CacheConfig, IndexUnavailable, MetadataIndex, redact
-from cluster.policies import POLICIES
+from cache_store import DEVICE_CACHE_GB, HOST_CACHE_GB, CacheConfig, IndexUnavailable, MetadataIndex, redact
+from cluster.policies import DEFAULT_POLICY, POLICIES
 from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
 from worker.config import EngineConfig
-
-GB = 1 << 30
 
 
 class ServiceError(RuntimeError):
@@ -31,22 +29,22 @@ class ServiceError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    service: str = "default"
+    service: str = CacheConfig.service
     model: str = "demo"
     workers: int = 2
     redis_url: str | None = None  # None: an embedded Valkey on the driver's node
-    device_cache_gb: float = 0.5
-    host_cache_gb: float = 1.0
-    block_size: int = 16
-    eviction: str = "lru"  # see cache_store.policy for the others and why LRU is the default
-    policy: str = "cache_aware"
+    device_cache_gb: float = DEVICE_CACHE_GB
+    host_cache_gb: float = HOST_CACHE_GB
+    block_size: int = CacheConfig.block_size
+    eviction: str = CacheConfig.eviction
+    policy: str = DEFAULT_POLICY
     dtype: str | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     max_restarts: int = 2
     detached: bool = False
-    lease_ttl_s: float = 10.0
-    heartbeat_s: float = 2.0
+    lease_ttl_s: float = CacheConfig.lease_ttl_s
+    heartbeat_s: float = CacheConfig.heartbeat_s
     tenant_mode: bool = False  # every request names a tenant; the service derives its cache salt
     audit_fraction: float = 0.0  # share of cache hits re-computed without the cache and compared
     max_running: int | None = None  # requests per forward on each worker (None: the device's default)
@@ -71,10 +69,10 @@ class ServiceSpec:
         self.engine_config().check()
 
     def cache_config(self) -> CacheConfig:
-        return CacheConfig(
+        return CacheConfig.from_gb(
+            self.device_cache_gb,
+            self.host_cache_gb,
             block_size=self.block_size,
-            device_bytes=int(self.device_cache_gb * GB),
-            host_bytes=int(self.host_cache_gb * GB),
             eviction=self.eviction,
             service=self.service,
             lease_ttl_s=self.lease_ttl_s,

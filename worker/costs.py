@@ -1,9 +1,11 @@
-"""When is pulling KV from a peer cheaper than recomputing it?
+"""What a worker's time costs: the one cost model, in seconds, that the engine decides peer fetches
+with and the router scores placements with (the router imports this module, so no torch here).
 
-Both sides are measured on the running worker, not assumed: prefill seconds
-per token at start-up (a timed forward pass), and transfer seconds per block
-plus a fixed per-fetch overhead by the actor layer (a timed round trip
-through Ray's object store). Fetching n blocks pays when
+The terms are measured on the running worker, not assumed: prefill seconds per token and host ->
+device promotion seconds per block at start-up (a timed forward pass, a timed promotion through a
+TieredStore), transfer seconds per block plus a fixed per-fetch overhead by the actor layer (a
+timed round trip through Ray's object store). The defaults are what the router assumes of a worker
+whose measurements have not reached it yet. Fetching n blocks pays when
 
     overhead + n * transfer_per_block  <  n * block_size * prefill_per_token
 
@@ -14,26 +16,29 @@ blocks; below it, recompute.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
 class CostModel:
-    prefill_s_per_token: float
+    prefill_s_per_token: float = 4e-4
+    promote_s_per_block: float = 2e-5
     transfer_s_per_block: float = math.inf  # unknown until measured: never fetch
     transfer_overhead_s: float = 0.0
+    max_running: int = 1  # requests the worker's engine batches into one forward
 
     def with_transfer(self, per_block_s: float, overhead_s: float) -> CostModel:
         return replace(self, transfer_s_per_block=per_block_s, transfer_overhead_s=overhead_s)
 
-    def recompute_s(self, n_blocks: int, block_size: int) -> float:
-        return n_blocks * block_size * self.prefill_s_per_token
+    def prefill_s(self, tokens: int) -> float:
+        return tokens * self.prefill_s_per_token
 
     def fetch_s(self, n_blocks: int) -> float:
-        return self.transfer_overhead_s + n_blocks * self.transfer_s_per_block
+        # no fetch costs nothing (and 0 * inf would be nan)
+        return self.transfer_overhead_s + n_blocks * self.transfer_s_per_block if n_blocks else 0.0
 
     def fetch_pays(self, n_blocks: int, block_size: int) -> bool:
-        return n_blocks > 0 and self.fetch_s(n_blocks) < self.recompute_s(n_blocks, block_size)
+        return n_blocks > 0 and self.fetch_s(n_blocks) < self.prefill_s(n_blocks * block_size)
 
     def crossover_blocks(self, block_size: int) -> float:
         """Smallest number of blocks for which fetching beats recomputing (inf: never)."""
@@ -41,9 +46,9 @@ class CostModel:
         return self.transfer_overhead_s / gain if gain > 0 else math.inf
 
     def to_dict(self, block_size: int) -> dict[str, float]:
-        return {
-            "prefill_ms_per_token": self.prefill_s_per_token * 1e3,
-            "transfer_ms_per_block": self.transfer_s_per_block * 1e3,
-            "transfer_overhead_ms": self.transfer_overhead_s * 1e3,
-            "crossover_blocks": self.crossover_blocks(block_size),
-        }
+        """The terms plus the crossover they imply, for stats; `from_dict` reads it back."""
+        return {**asdict(self), "crossover_blocks": self.crossover_blocks(block_size)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CostModel:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})

@@ -15,6 +15,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from cache_store import CacheConfig, KVShape
+
 DEMO_SEED = 20260101
 SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>")
 BOS_ID, EOS_ID, PAD_ID = 256, 257, 258
@@ -37,6 +39,13 @@ def demo_config() -> LlamaConfig:
         tie_word_embeddings=False,
         architectures=["LlamaForCausalLM"],
     )
+
+
+def demo_block_bytes(block_size: int = CacheConfig.block_size, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of one KV block of the demo model (by default at the cache's default block size, in
+    float32 as on CPU): what tests and benchmarks size its caches in."""
+    c = demo_config()
+    return KVShape(c.num_hidden_layers, c.num_key_value_heads, block_size, c.head_dim, dtype).block_bytes
 
 
 def _byte_to_unicode() -> dict[int, str]:

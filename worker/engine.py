@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from cache_store import (
+    DEVICE_CACHE_GB,
+    HOST_CACHE_GB,
     CacheConfig,
     Exported,
     IndexUnavailable,
@@ -44,6 +46,7 @@ from cache_store import (
     TieredStore,
     block_chain,
     root_hash,
+    time_promotion,
     token_blocks,
 )
 from cache_store.hashing import BlockHash
@@ -64,7 +67,6 @@ from worker.sequence import Sequence as Seq
 __all__ = ["Engine", "EngineConfig", "PeerFetchError", "PeerHint", "Chunk"]
 
 log = logging.getLogger(__name__)
-GB = 1 << 30
 # Largest last-position logit difference the audit accepts between cached and fresh prefill:
 # float noise of the two computation orders, far below what a wrong block produces.
 AUDIT_TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 2.5e-1}
@@ -118,7 +120,11 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stopping = False
         self._audits = 0  # audit recomputations queued, not finished
-        self.costs = CostModel(prefill_s_per_token=self._measure_prefill())
+        self.costs = CostModel(
+            prefill_s_per_token=self._measure_prefill(),
+            promote_s_per_block=time_promotion(shape, device),
+            max_running=self.config.max_running,
+        )
         self.index = index
         self.keeper: LeaseKeeper | None = None
         if index is not None:
@@ -132,12 +138,12 @@ class Engine:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        block_size: int = 16,
-        device_cache_gb: float = 0.5,
-        host_cache_gb: float = 1.0,
-        eviction: str = "lru",
+        block_size: int = CacheConfig.block_size,
+        device_cache_gb: float = DEVICE_CACHE_GB,
+        host_cache_gb: float = HOST_CACHE_GB,
+        eviction: str = CacheConfig.eviction,
         redis_url: str | None = None,
-        service: str = "default",
+        service: str = CacheConfig.service,
         worker_id: str | None = None,
         cache_config: CacheConfig | None = None,
         peer_fetcher: PeerFetcher | None = None,
@@ -152,12 +158,8 @@ class Engine:
         (counters `audit_checked` / `audit_mismatches`; expected 0 mismatches).
         `max_running` / `max_batch_tokens`: batching limits (device defaults when None).
         """
-        config = cache_config or CacheConfig(
-            block_size=block_size,
-            device_bytes=int(device_cache_gb * GB),
-            host_bytes=int(host_cache_gb * GB),
-            eviction=eviction,
-            service=service,
+        config = cache_config or CacheConfig.from_gb(
+            device_cache_gb, host_cache_gb, block_size=block_size, eviction=eviction, service=service
         )
         dev = resolve_device(device)
         engine_config = EngineConfig(max_running, max_batch_tokens)

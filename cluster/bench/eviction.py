@@ -41,10 +41,11 @@ def one_run(size, eviction: str, workers: int, total_gb: float) -> dict:
 
 
 def eviction_modes(size, log=print, evictions=None, workers=None) -> dict:
-    from cluster.bench.suite import BLOCK_BYTES, GB, shared_workload
+    from cache_store import GIB
+    from cluster.bench.suite import BLOCK, BLOCK_BYTES, shared_workload
 
-    working_set = sum(len(p) // 16 for p in shared_workload(size, "x").prefixes)
-    total_gb = 1.5 * working_set * BLOCK_BYTES / GB  # as service_modes: 1.5x the system prompts
+    working_set = sum(len(p) // BLOCK for p in shared_workload(size, "x").prefixes)
+    total_gb = 1.5 * working_set * BLOCK_BYTES / GIB  # as service_modes: 1.5x the system prompts
     out: dict = {"total_cache_gb": total_gb, "runs": {}}
     for ev in evictions or EVICTIONS:
         for n in workers or (1, 2):

@@ -23,7 +23,7 @@ from cluster.router import Router
 from worker.models import load_tokenizer
 from worker.request import Request
 
-BLOCK = 16
+BLOCK = CacheConfig.block_size
 SYSTEMS = 64
 FINGERPRINT = "router-capacity"
 

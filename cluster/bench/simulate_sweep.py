@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from cache_store import CacheConfig  # noqa: E402
 from cluster.simulate import BOUND, load_trace, simulate  # noqa: E402
 
 WORKERS = (8, 16, 64, 256)
@@ -61,7 +62,7 @@ def main() -> None:
     p.add_argument("--trace", required=True)
     p.add_argument("--per-worker", type=int, default=1500)
     p.add_argument("--total", type=int, default=24_000)
-    p.add_argument("--eviction", default="lru")
+    p.add_argument("--eviction", default=CacheConfig.eviction)
     p.add_argument("--out", default="bench-results-simulate.json")
     p.add_argument("--plot", default="bench-plots/sim_hit_rate_vs_workers.png")
     args = p.parse_args()

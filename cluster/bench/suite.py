@@ -19,8 +19,11 @@ from pathlib import Path
 import psutil
 import torch
 
-GB = 1 << 30
-BLOCK_BYTES = 131072  # demo model: 8 layers x (k, v) x 2 kv heads x 16 tokens x 64 dims x fp32
+from cache_store import GIB, CacheConfig
+from worker.demo_model import demo_block_bytes
+
+BLOCK = CacheConfig.block_size  # the service's default, which every benchmark cluster runs with
+BLOCK_BYTES = demo_block_bytes(BLOCK)
 SWEEP_SUFFIX = 64  # user suffix after the cached prefix, as in the issue-3 benchmark (1,536 + 64 tokens)
 
 
@@ -108,7 +111,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "memory_gb": round(psutil.virtual_memory().total / GB, 1),
+        "memory_gb": round(psutil.virtual_memory().total / GIB, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -203,10 +206,10 @@ def service_modes(size: Sizes, log) -> dict:
     def shared(salt: str):
         return shared_workload(size, salt)
 
-    working_set = sum(len(p) // 16 for p in shared("x").prefixes)  # blocks of system prompt (byte tokenizer)
+    working_set = sum(len(p) // BLOCK for p in shared("x").prefixes)  # blocks of system prompt (byte tokenizer)
     # Every mode gets the same total cache: 1.5x the system prompts. Split over 2 workers that is 0.75x
     # each: enough for each worker's share when prompts stick to workers, too little for all of them.
-    total_gb = 1.5 * working_set * BLOCK_BYTES / GB
+    total_gb = 1.5 * working_set * BLOCK_BYTES / GIB
     out: dict = {"working_set_blocks": working_set, "total_cache_gb": total_gb, "modes": {}, "workers": {}}
 
     def mode(cluster: Cluster, key: str, n_workers: int):
@@ -242,7 +245,7 @@ def service_modes(size: Sizes, log) -> dict:
     # The device tier is also the running requests' KV memory: it must hold the 2 that run on each
     # worker at once, whatever the quarter is.
     longest = max(len(r.prompt) + r.max_new_tokens for r in shared("e").requests)
-    running_gb = 2 * (longest // 16 + 2) * BLOCK_BYTES / GB
+    running_gb = 2 * (longest // BLOCK + 2) * BLOCK_BYTES / GIB
     small = Cluster.start(
         workers=2, service="bench-host", device_cache_gb=max(per2 / 4, running_gb), host_cache_gb=per2
     )

@@ -56,7 +56,7 @@ def make_router(policy: str, workers: list[str], index: SimIndex, time: TimeMode
         workers=workers,
     )
     for w in workers:
-        router.set_costs(w, time.worker_costs())
+        router.set_costs(w, time)
     return router
 
 
@@ -87,7 +87,7 @@ class Simulation:
         capacity_blocks: int,
         policy: str,
         time: TimeModel,
-        eviction: str = "lru",
+        eviction: str = CacheConfig.eviction,
         duplicates_first: bool = True,
         routers: int = 1,
         affinity: str = "prefix",
@@ -179,7 +179,7 @@ def simulate_policy(
     capacity_blocks: int,
     policy: str,
     time: TimeModel,
-    eviction: str = "lru",
+    eviction: str = CacheConfig.eviction,
     duplicates_first: bool = True,
     routers: int = 1,
     affinity: str = "prefix",

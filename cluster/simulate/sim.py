@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
+from cache_store import CacheConfig
 from cluster.policies import POLICIES
 from cluster.simulate.metrics import PolicyResult
 from cluster.simulate.run import prepare, simulate_policy
@@ -22,7 +23,7 @@ def simulate(
     capacity_blocks: int,
     policies: Sequence[str] = POLICY_NAMES,
     time: TimeModel | None = None,
-    eviction: str = "lru",
+    eviction: str = CacheConfig.eviction,
     duplicates_first: bool = True,
     routers: int = 1,
     affinity: str = "prefix",

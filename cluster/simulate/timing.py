@@ -16,34 +16,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster.policies import WorkerCosts
+from worker.costs import CostModel
 
 
 @dataclass(frozen=True)
-class TimeModel:
+class TimeModel(CostModel):
+    """A simulated worker's costs: the router scores it with them as it scores a real worker with the
+    engine's measured ones, plus the decode time the simulator charges. `max_running` stays 1: a
+    simulated worker serves one request at a time (FIFO)."""
+
     prefill_s_per_token: float = 1e-4
-    decode_s_per_token: float = 1e-3
     transfer_s_per_block: float = 3e-3
     transfer_overhead_s: float = 2e-3
-
-    def prefill_s(self, tokens: int) -> float:
-        return tokens * self.prefill_s_per_token
-
-    def fetch_s(self, blocks: int) -> float:
-        return self.transfer_overhead_s + blocks * self.transfer_s_per_block if blocks else 0.0
-
-    def fetch_pays(self, blocks: int, block_tokens: int) -> bool:
-        """The engine's rule (worker.costs.CostModel.fetch_pays): fetch only when cheaper than recompute."""
-        return blocks > 0 and self.fetch_s(blocks) < self.prefill_s(blocks * block_tokens)
-
-    def worker_costs(self) -> WorkerCosts:
-        """What the router is told about every worker (the actor reports its measured costs the same way)."""
-        return WorkerCosts(
-            prefill_s_per_token=self.prefill_s_per_token,
-            transfer_s_per_block=self.transfer_s_per_block,
-            transfer_overhead_s=self.transfer_overhead_s,
-            max_running=1,  # a simulated worker serves one request at a time (FIFO)
-        )
+    decode_s_per_token: float = 1e-3
 
 
-INSTANT = TimeModel(0.0, 0.0, 0.0, 0.0)  # the one-shared-cache bound: every request served on arrival
+# the one-shared-cache bound: every request served on arrival
+INSTANT = TimeModel(prefill_s_per_token=0.0, transfer_s_per_block=0.0, transfer_overhead_s=0.0, decode_s_per_token=0.0)

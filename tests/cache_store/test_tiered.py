@@ -3,9 +3,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from cache_store import DEVICE, HOST
+from cache_store import DEVICE, HOST, time_promotion
 
-from .helpers import chain, expected_layers, kv_for, make_store, serve
+from .helpers import SHAPE, chain, expected_layers, kv_for, make_store, serve
 
 
 def assert_kv(store, hold, hashes):
@@ -193,3 +193,7 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_time_promotion_times_one_host_to_device_promotion():
+    assert 0 < time_promotion(SHAPE, "cpu") < 1  # raises if the block was not promoted from host

@@ -7,11 +7,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from cache_store import CacheConfig
 from cluster import Cluster
 from cluster.cli import main as cli
 from worker.request import Request
 
 SMALL = dict(device_cache_gb=0.05, host_cache_gb=0.05)
+BS = CacheConfig.block_size  # what a service caches in unless told otherwise
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def test_repeated_prefix_goes_to_its_holder_and_salt_never_hits(cluster):
     later = [cluster.generate([system + f"Q{i}?"], max_new_tokens=2)[0] for i in range(1, 4)]
     for r in later:  # one at a time (no load to spread): each lands on the holder
         assert r.worker_id == first.worker_id
-        assert r.cached_tokens == (len(system) // 16) * 16
+        assert r.cached_tokens == (len(system) // BS) * BS
     [salted] = cluster.generate([system + "Q0?"], max_new_tokens=2, cache_salt="tenant-x")
     assert salted.cached_tokens == 0
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import random
 
+from cache_store import GIB
 from cluster import Cluster
 from cluster.workload import text, zipf_choices
+from worker.demo_model import demo_block_bytes
 from worker.request import Request
-
-BLOCK_BYTES = 8 * 2 * 2 * 16 * 64 * 4  # demo model: layers * (k, v) * kv_heads * block * head_dim * fp32
-GB = 1 << 30
 
 
 def workload(salt: str) -> list[Request]:
@@ -31,7 +30,7 @@ def hit_rate(cluster: Cluster, reqs: list[Request]) -> float:
 
 
 def test_cache_aware_matches_one_big_cache_and_beats_round_robin(ray_local):
-    per_worker = 28 * BLOCK_BYTES / GB  # 28 blocks: about half of the 48 prompt blocks
+    per_worker = 28 * demo_block_bytes() / GIB  # 28 blocks: about half of the 48 prompt blocks
     one = Cluster.start(workers=1, service="t-one", device_cache_gb=2 * per_worker, host_cache_gb=0)
     try:
         single = hit_rate(one, workload("single"))

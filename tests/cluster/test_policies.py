@@ -1,9 +1,10 @@
 from cache_store import Holding
-from cluster.policies import CacheAware, LeastLoaded, PlacementInput, RoundRobin, WorkerCosts, make_policy
+from cluster.policies import CacheAware, LeastLoaded, PlacementInput, RoundRobin, make_policy
+from worker.costs import CostModel
 
 W = ["a", "b", "c"]
 CHAIN = [bytes([i]) * 16 for i in range(10)]
-FAST_LINK = WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3)
+FAST_LINK = CostModel(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3)
 
 
 def x(holdings, inflight=None, costs=None, prompt_tokens=170, service_s=0.5, predicted=None):
@@ -89,7 +90,7 @@ def test_the_shortlist_places_exactly_as_a_scan_of_every_worker(monkeypatch):
 
     rng = random.Random(5)
     workers = [f"w{i}" for i in range(40)]
-    profiles = [FAST_LINK, WorkerCosts(prefill_s_per_token=2e-3, transfer_s_per_block=5e-4, transfer_overhead_s=2e-3)]
+    profiles = [FAST_LINK, CostModel(prefill_s_per_token=2e-3, transfer_s_per_block=5e-4, transfer_overhead_s=2e-3)]
     scan_all = lambda x, expect: list(enumerate(x.workers))  # noqa: E731
     for trial in range(300):
         holders = rng.sample(workers, rng.randint(0, 4))

@@ -3,8 +3,9 @@
 import pytest
 
 from cache_store import CacheConfig, MetadataIndex
-from cluster.policies import CacheAware, RoundRobin, WorkerCosts
+from cluster.policies import CacheAware, RoundRobin
 from cluster.router import NoWorker, Router
+from worker.costs import CostModel
 from worker.demo_model import demo_tokenizer
 from worker.request import Request
 
@@ -23,7 +24,7 @@ def make_router(index, policy=None, workers=("w0", "w1")):
         workers=list(workers),
     )
     for w in workers:
-        r.set_costs(w, WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3))
+        r.set_costs(w, CostModel(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=1e-3))
     return r
 
 
@@ -129,7 +130,7 @@ def test_a_batching_holder_takes_a_burst_until_its_queued_prefill_costs_more_tha
     for w in ("w0", "w1"):
         router.set_costs(
             w,
-            WorkerCosts(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=0.02, max_running=8),
+            CostModel(prefill_s_per_token=1e-3, transfer_s_per_block=1e-4, transfer_overhead_s=0.02, max_running=8),
         )
     ids, chain = router.prepare(Request("Popular system prompt. " * 10))  # 14 blocks + 6 tokens
     publish(index, "w0", chain)

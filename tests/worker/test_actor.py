@@ -10,7 +10,8 @@ from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
 from worker.request import Request
 from worker.transfer import BadTransfer, unpack_blocks
 
-CACHE = {"block_size": 16, "device_bytes": 8 << 20, "host_bytes": 8 << 20, "service": "acttest"}
+BS = 16
+CACHE = {"block_size": BS, "device_bytes": 8 << 20, "host_bytes": 8 << 20, "service": "acttest"}
 
 
 def start_workers(url, ids=("w0", "w1")):
@@ -67,7 +68,7 @@ def test_workers_serve_and_publish_their_blocks(two_workers, module_valkey):
     from cache_store import block_chain, root_hash
 
     ids = list(prompt.encode())
-    chain = block_chain(root_hash(info["fingerprint"], None), ids, 16)
+    chain = block_chain(root_hash(info["fingerprint"], None), ids, BS)
     held = {h.worker_id: h.blocks for h in index.holders(chain)}
     assert held == {"w0": len(chain), "w1": len(chain)}
     health = ray.get(w0.health.remote())
@@ -84,15 +85,15 @@ def test_bad_request_dict_is_an_error_result(two_workers):
 def test_peer_fetch_gives_identical_output(two_workers):
     w0, w1 = two_workers["w0"], two_workers["w1"]
     costs = ray.get(w1.calibrate.remote("w0"))
-    assert costs["transfer_ms_per_block"] >= 0 and costs["crossover_blocks"] >= 0
+    assert costs["transfer_s_per_block"] >= 0 and costs["crossover_blocks"] >= 0
     prompt = "A long shared prefix that only w0 has computed so far. " * 6
     cold = ray.get(w0.generate.remote(Request(prompt, max_new_tokens=8).to_dict()))
-    n_blocks = len(prompt.encode()) // 16
+    n_blocks = len(prompt.encode()) // BS
     fetched = ray.get(w1.generate.remote(Request(prompt, max_new_tokens=8).to_dict(), None, ("w0", n_blocks)))
     assert fetched["token_ids"] == cold["token_ids"]
-    assert fetched["cached_peer_tokens"] == n_blocks * 16 == fetched["cached_tokens"]
+    assert fetched["cached_peer_tokens"] == n_blocks * BS == fetched["cached_tokens"]
     again = ray.get(w1.generate.remote(Request(prompt, max_new_tokens=8).to_dict()))
-    assert again["cached_device_tokens"] == n_blocks * 16  # what it pulled is now its own
+    assert again["cached_device_tokens"] == n_blocks * BS  # what it pulled is now its own
 
 
 def test_peer_fetch_from_a_dead_peer_recomputes(doomed_workers):

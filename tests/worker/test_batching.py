@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from cache_store import CacheConfig
+from cache_store import CacheConfig, KVShape
 from worker.config import EngineConfig
 from worker.engine import Engine
 from worker.models import load_model
@@ -24,7 +24,7 @@ def engine_for(name, tiny_dirs, *, device_blocks=512, host_blocks=512, **batchin
     path = "demo" if name == "demo" else str(tiny_dirs[name])
     loaded = load_model(path, torch.device("cpu"), torch.float32)
     lay = loaded.layout
-    block_bytes = lay.layers * 2 * lay.kv_heads * BLOCK * lay.head_dim * 4
+    block_bytes = KVShape(lay.layers, lay.kv_heads, BLOCK, lay.head_dim, torch.float32).block_bytes
     cfg = CacheConfig(block_size=BLOCK, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
     return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(**batching))
 

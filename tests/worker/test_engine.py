@@ -1,6 +1,7 @@
 import pytest
 
 from cache_store import CacheConfig, MetadataIndex
+from worker.demo_model import demo_block_bytes
 from worker.engine import Engine
 from worker.request import Request, Result
 
@@ -63,7 +64,8 @@ def test_zero_new_tokens_warms_the_cache(demo_engine):
     [r] = demo_engine.generate([prompt], max_new_tokens=0)
     assert r.ok and r.token_ids == () and r.text == ""
     [again] = demo_engine.generate([prompt + "and more"], max_new_tokens=1)
-    assert again.cached_tokens == (len(prompt) // 16) * 16
+    bs = demo_engine.block_size
+    assert again.cached_tokens == (len(prompt) // bs) * bs
 
 
 def test_result_round_trips_through_a_dict(demo_engine):
@@ -90,7 +92,7 @@ def test_counters_add_up(tmp_path):
 def test_pin_prefix_survives_pressure():
     # 8 device blocks: the running request's KV lives in the same pool, so 3 pinned blocks leave 5
     engine = Engine.from_pretrained(
-        "demo", device="cpu", cache_config=CacheConfig(device_bytes=8 * 131072, host_bytes=0)
+        "demo", device="cpu", cache_config=CacheConfig(device_bytes=8 * demo_block_bytes(), host_bytes=0)
     )
     system = "You are a careful assistant!" * 2  # 56 bytes = 3 full blocks
     engine.generate([system], max_new_tokens=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_store import CacheConfig
+from cache_store import CacheConfig, KVShape
 from worker.engine import Engine
 from worker.models import load_model
 from worker.request import Request
@@ -25,9 +25,9 @@ N_NEW = 6
 def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_size=None) -> Engine:
     path = "demo" if name == "demo" else str(tiny_dirs[name])
     loaded = load_model(path, torch.device("cpu"), torch.float32)
-    bs = block_size or (16 if name == "demo" else 8)
+    bs = block_size or (CacheConfig.block_size if name == "demo" else 8)
     lay = loaded.layout
-    block_bytes = lay.layers * 2 * lay.kv_heads * bs * lay.head_dim * 4
+    block_bytes = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
     cfg = CacheConfig(block_size=bs, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
     return Engine(loaded, cfg, device=torch.device("cpu"))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cache_store import CacheConfig
+from cache_store import CacheConfig, KVShape
 from worker.engine import Engine
 from worker.models import load_model
 from worker.request import Request
@@ -21,13 +21,13 @@ N_NEW = 6
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")
-BS = 16
+BS = CacheConfig.block_size
 
 
 def cuda_engine(dtype: torch.dtype, device_blocks: int, host_blocks: int) -> Engine:
     loaded = load_model("demo", CUDA, dtype)
     lay = loaded.layout
-    block_bytes = lay.layers * 2 * lay.kv_heads * BS * lay.head_dim * torch.tensor([], dtype=dtype).element_size()
+    block_bytes = KVShape(lay.layers, lay.kv_heads, BS, lay.head_dim, dtype).block_bytes
     cfg = CacheConfig(block_size=BS, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
     return Engine(loaded, cfg, device=CUDA)
 

@@ -13,13 +13,15 @@ import torch
 
 from cache_store import CacheConfig, Exported
 from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
+from worker.demo_model import demo_block_bytes
 from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model
 from worker.request import Request
 
 from .reference import reference
 
-CFG = CacheConfig(device_bytes=64 * 131072, host_bytes=0)
+CFG = CacheConfig(device_bytes=64 * demo_block_bytes(), host_bytes=0)
+BS = CFG.block_size
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +42,11 @@ def test_fetched_blocks_are_exact_and_counted(loaded):
     peer = engine_with(loaded)
     peer.generate([PROMPT], max_new_tokens=1)
     b = engine_with(loaded, lambda wid, hashes: peer.export_blocks(hashes))
-    n = len(PROMPT) // 16
+    n = len(PROMPT) // BS
     r = b.run(Request(PROMPT, max_new_tokens=8), hint=PeerHint("a", n))
     cold, _ = reference(b, b.tokenize(PROMPT), 8)
     assert r.token_ids == cold
-    assert r.cached_peer_tokens == r.cached_tokens == n * 16
+    assert r.cached_peer_tokens == r.cached_tokens == n * BS
     assert b.counters.get("peer_fetches") == 1
 
 
@@ -64,7 +66,7 @@ def test_a_bad_peer_means_recompute(loaded, fault):
         return Exported([], [], ex.kv[:0])
 
     b = engine_with(loaded, fetch)
-    r = b.run(Request(PROMPT, max_new_tokens=8), hint=PeerHint("a", len(PROMPT) // 16))
+    r = b.run(Request(PROMPT, max_new_tokens=8), hint=PeerHint("a", len(PROMPT) // BS))
     cold, _ = reference(b, b.tokenize(PROMPT), 8)
     assert r.ok and r.token_ids == cold
     assert r.cached_tokens == 0 and r.cached_peer_tokens == 0
@@ -82,7 +84,7 @@ def test_a_failed_fetch_through_ray_recomputes(ray_local, valkey, fault):
     """The real path: two worker actors, the fetch goes through Ray. A peer that answers too late, or
     whose process is gone (SIGKILL, no restart), costs a recompute: same tokens, nothing counted as hit."""
     service = "peer-" + fault.replace(" ", "-")
-    cache = {"block_size": 16, "device_bytes": 8 << 20, "host_bytes": 0, "service": service}
+    cache = {"block_size": BS, "device_bytes": 8 << 20, "host_bytes": 0, "service": service}
     holder = WorkerActor.options(name=worker_actor_name(service, "p0"), namespace=NAMESPACE, num_cpus=1).remote(
         "p0", "demo", cache, redis_url=valkey.url
     )
@@ -95,7 +97,7 @@ def test_a_failed_fetch_through_ray_recomputes(ray_local, valkey, fault):
         cold = ray.get(holder.generate.remote(Request(PROMPT, max_new_tokens=6).to_dict()))
         if fault == "peer died":
             os.kill(ray.get(holder.health.remote())["pid"], signal.SIGKILL)
-        hint = ("p0", len(PROMPT) // 16)
+        hint = ("p0", len(PROMPT) // BS)
         r = ray.get(fetcher.generate.remote(Request(PROMPT, max_new_tokens=6).to_dict(), None, hint))
         assert r["error"] is None and r["token_ids"] == cold["token_ids"]
         assert r["cached_tokens"] == 0 and r["cached_peer_tokens"] == 0
@@ -109,7 +111,7 @@ def test_a_failed_fetch_through_ray_recomputes(ray_local, valkey, fault):
 
 def test_memory_pressure_keeps_budgets_and_exact_outputs(loaded):
     """Device 12 blocks (running requests need up to 10), host 6; 40 requests over ~30 distinct prompts of 4-9 blocks."""
-    cfg = CacheConfig(device_bytes=12 * 131072, host_bytes=6 * 131072)
+    cfg = CacheConfig(device_bytes=12 * demo_block_bytes(), host_bytes=6 * demo_block_bytes())
     e = Engine(loaded, cfg, device=torch.device("cpu"))
     rng = random.Random(3)
     systems = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(60, 140))) for _ in range(5)]
