@@ -14,40 +14,20 @@ from typing import NamedTuple
 # The owner the router's counters are filed under, beside the worker ids.
 ROUTER = "router"
 
-# Added once per finished request: by its worker, and by the router per tenant.
-REQUEST_COUNTERS = ("requests", "hit_requests", "prompt_tokens", "cached_tokens")
 HIT_TIERS = ("device", "host", "peer")  # where a cached prompt token came from
 DROP_TIERS = ("device", "host")  # a dropped block left this tier for nowhere
-MISS_REASONS = ("never_seen", "evicted", "held_elsewhere")  # why the router saw a prompt block miss
-
-# Worker counters that `cluster.stats` totals across workers (every one monotonic).
-SUMMED = (
-    "requests",
-    "hit_requests",
-    "rejected_requests",
-    "prompt_tokens",
-    "cached_tokens",
-    "prefill_tokens",
-    "generated_tokens",
-    *(f"hit_tokens_{t}" for t in HIT_TIERS),
-    "spilled_blocks",
-    *(f"dropped_blocks_{t}" for t in DROP_TIERS),
-    "promoted_blocks",
-    "inserted_blocks",
-    "peer_fetches",
-    "peer_fetch_failures",
-    "peer_fetched_blocks",
-    "ttft_us_sum",
-    "audit_checked",
-    "audit_mismatches",
-)
+# Why a prompt block missed (token-weighted `miss_tokens` counters); `Router.account` judges each.
+NEVER_SEEN = "never_seen"
+EVICTED = "evicted"
+HELD_ELSEWHERE = "held_elsewhere"
+MISS_REASONS = (NEVER_SEEN, EVICTED, HELD_ELSEWHERE)
 
 _TENANT = "t."  # tenant counters: "t.<tenant label>.<request counter>"
 _MISS = "miss_tokens_"
 
 
 def request_counts(prompt_tokens: int, cached_tokens: int) -> dict[str, int]:
-    """What one finished request adds to REQUEST_COUNTERS."""
+    """What one finished request adds: to its worker's counters, and to its tenant's in the router."""
     return {
         "requests": 1,
         "hit_requests": int(cached_tokens > 0),
@@ -114,3 +94,22 @@ class PrefixKey(NamedTuple):
     def parse(cls, member: str) -> PrefixKey:
         hx, tokens, tenant = member.split(":", 2)
         return cls(hx, int(tokens), tenant)
+
+
+# Added once per finished request, by its worker and (per tenant) by the router.
+REQUEST_COUNTERS = tuple(request_counts(0, 0))
+
+# Worker counters that `cluster.stats` totals across workers (every one monotonic).
+SUMMED = (
+    *worker_request_counts(0, 0, dict.fromkeys(HIT_TIERS, 0), 0, 0.0),
+    "rejected_requests",
+    "spilled_blocks",
+    *(dropped_blocks(t) for t in DROP_TIERS),
+    "promoted_blocks",
+    "inserted_blocks",
+    "peer_fetches",
+    "peer_fetch_failures",
+    "peer_fetched_blocks",
+    "audit_checked",
+    "audit_mismatches",
+)

@@ -16,7 +16,15 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
-from cache_store.counter_names import PrefixKey, miss_tokens, request_counts, tenant_counter
+from cache_store.counter_names import (
+    EVICTED,
+    HELD_ELSEWHERE,
+    NEVER_SEEN,
+    PrefixKey,
+    miss_tokens,
+    request_counts,
+    tenant_counter,
+)
 from cluster.policies import Placement, PlacementInput, Policy, WorkerCosts
 from worker.request import Request, prompt_ids_problem
 
@@ -238,11 +246,11 @@ class Router:
         with self._lock:
             for i in range(covered, len(chain)):
                 if i < best:
-                    reasons["held_elsewhere"] += bs
+                    reasons[HELD_ELSEWHERE] += bs
                 elif bytes(chain[i]) in self._held_once:
-                    reasons["evicted"] += bs
+                    reasons[EVICTED] += bs
                 else:
-                    reasons["never_seen"] += bs
+                    reasons[NEVER_SEEN] += bs
         self.counters.add_many({miss_tokens(k): v for k, v in reasons.items()})
         if cached_tokens == 0:
             self.counters.add("cold_requests")
