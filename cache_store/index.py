@@ -170,6 +170,17 @@ class HeartbeatReply(NamedTuple):
     lease_was_missing: bool  # the lease had lapsed (outage or Redis restart): republish
 
 
+def holder_entry(generation: int, tier: str) -> str:
+    """A worker's entry in a block's holders hash: "<generation>:<d|h>" (the Lua scripts parse it too)."""
+    return f"{generation}:{TIER_CODE[tier]}"
+
+
+def entry_generation(entry: str) -> int | None:
+    """The worker generation a holder entry was written by (None for a malformed entry)."""
+    generation = entry.partition(":")[0]
+    return int(generation) if generation.isdigit() else None
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by '***' (for messages and logs)."""
     parts = urlsplit(url)
@@ -316,7 +327,7 @@ class MetadataIndex:
         args: list[str] = [worker_id]
         for op, h, tier in events:
             keys.append(self._block_key(h))
-            value = "" if op == "remove" else f"{generation}:{TIER_CODE[tier]}"
+            value = "" if op == "remove" else holder_entry(generation, tier)
             args += ["remove" if op == "remove" else "add", value, h.hex()]
         self._call(lambda: self._publish(keys=keys, args=args))
 

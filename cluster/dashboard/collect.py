@@ -14,7 +14,7 @@ from typing import Any
 
 from cache_store import MetadataIndex
 from cache_store.counter_names import MISS_REASONS, ROUTER, miss_tokens, parse_tenant_counter
-from cache_store.index import Lease
+from cache_store.index import Lease, entry_generation
 from cluster.history import window_rates
 from cluster.stats import ratio, summarize
 
@@ -118,7 +118,7 @@ def _top_prefixes(index: MetadataIndex, leases: Mapping[str, Lease], n: int) -> 
             "tenant": tenant,
             "hits": hits,
             "holders": sorted(
-                w for w, v in entries.get(hx, {}).items() if w in leases and v.startswith(f"{leases[w].generation}:")
+                w for w, v in entries.get(hx, {}).items() if w in leases and entry_generation(v) == leases[w].generation
             ),
             "pinned": hx in pinned,
         }
