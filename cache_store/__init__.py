@@ -1,4 +1,11 @@
-"""The cache itself, no Ray: block hashing, prefix tree, tiered KV pools, Redis index."""
+"""The cache itself, no Ray: block hashing, prefix tree, tiered KV pools, Redis index.
+
+The KV pools, the tiered store and the lease keeper need torch; they are
+imported on first use, so a process that only reads the index (the
+dashboard) never loads torch.
+"""
+
+import importlib
 
 from cache_store.config import DEVICE_CACHE_GB, GIB, HOST_CACHE_GB, CacheConfig
 from cache_store.counters import Counters
@@ -6,11 +13,34 @@ from cache_store.embedded import EmbeddedRedis
 from cache_store.errors import CacheStoreError, ConfigError, Fenced, IndexAuthError, IndexUnavailable, PoolExhausted
 from cache_store.hashing import BlockHash, block_chain, block_hash, namespace, root_hash, token_blocks
 from cache_store.index import BlockCounts, Holding, MetadataIndex, redact
-from cache_store.kv_pool import KVPool, KVShape
-from cache_store.lease import LeaseKeeper
 from cache_store.policy import LFU, LRU, Priority, make_policy
-from cache_store.tiered import EMPTY_HOLD, Exported, Hold, StoreStats, TieredStore, time_promotion
 from cache_store.tree import DEVICE, HOST, BlockRef, PrefixTree
+
+_NEEDS_TORCH = {
+    "KVPool": "cache_store.kv_pool",
+    "KVShape": "cache_store.kv_pool",
+    "LeaseKeeper": "cache_store.lease",
+    "EMPTY_HOLD": "cache_store.tiered",
+    "Exported": "cache_store.tiered",
+    "Hold": "cache_store.tiered",
+    "StoreStats": "cache_store.tiered",
+    "TieredStore": "cache_store.tiered",
+    "time_promotion": "cache_store.tiered",
+}
+
+
+def __getattr__(name: str):
+    module = _NEEDS_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "DEVICE",

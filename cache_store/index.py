@@ -8,10 +8,16 @@ share a Redis Cluster slot and the Lua scripts may touch them together):
     pfx:{svc}:lease:<worker>   HASH  gen, heartbeat time, load gauges; PEXPIRE = lease TTL
     pfx:{svc}:gen:<worker>     INT   newest generation of that worker id (fencing)
     pfx:{svc}:workers          SET   every worker id ever registered
-    pfx:{svc}:c:<worker>       HASH  monotonic counters (HINCRBY)
+    pfx:{svc}:c:<owner>        HASH  monotonic counters (HINCRBY) of a worker, or of the router
+                                     (owner `router`); names and formats: `counter_names`
     pfx:{svc}:service          HASH  service facts (model fingerprint, block size), msgpack values
     pfx:{svc}:copies           HASH  stored (block entries) and distinct (blocks with any entry), kept
                                      exact by the publish and purge scripts
+    pfx:{svc}:top              ZSET  "<last block hex>:<tokens>:<tenant>" (`counter_names.PrefixKey`)
+                                     -> hits of that cached prefix, counted by the router; capped
+    pfx:{svc}:pinned           SET   hash hex of the last block of each prefix an operator pinned
+    pfx:{svc}:history          STREAM  msgpack samples of cluster totals (the dashboard's chart), capped
+    pfx:{svc}:secret:<name>    STRING  random bytes, created once (SET NX); never in `service`
 
 Why generations: a worker that restarts under the same id gets a new
 generation; entries tagged with an older one are ignored by `holders` and
@@ -41,6 +47,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cache_store.config import CacheConfig
+from cache_store.counter_names import PrefixKey
 from cache_store.errors import Fenced, IndexAuthError, IndexUnavailable
 from cache_store.hashing import BlockHash
 
@@ -161,6 +168,17 @@ class Lease(NamedTuple):
 
 class HeartbeatReply(NamedTuple):
     lease_was_missing: bool  # the lease had lapsed (outage or Redis restart): republish
+
+
+def holder_entry(generation: int, tier: str) -> str:
+    """A worker's entry in a block's holders hash: "<generation>:<d|h>" (the Lua scripts parse it too)."""
+    return f"{generation}:{TIER_CODE[tier]}"
+
+
+def entry_generation(entry: str) -> int | None:
+    """The worker generation a holder entry was written by (None for a malformed entry)."""
+    generation = entry.partition(":")[0]
+    return int(generation) if generation.isdigit() else None
 
 
 def redact(url: str) -> str:
@@ -309,7 +327,7 @@ class MetadataIndex:
         args: list[str] = [worker_id]
         for op, h, tier in events:
             keys.append(self._block_key(h))
-            value = "" if op == "remove" else f"{generation}:{TIER_CODE[tier]}"
+            value = "" if op == "remove" else holder_entry(generation, tier)
             args += ["remove" if op == "remove" else "add", value, h.hex()]
         self._call(lambda: self._publish(keys=keys, args=args))
 
@@ -451,7 +469,7 @@ class MetadataIndex:
         self._call(run)
 
     def record_prefixes(self, hits: Mapping[str, int], keep: int = 500) -> None:
-        """Add hit counts of cached prefixes (members "<last block hex>:<tokens>:<tenant>"), keep the top `keep`."""
+        """Add hit counts of cached prefixes (members: `PrefixKey.member()`), keep the top `keep`."""
         if not hits:
             return
         key = self._k("top")
@@ -468,11 +486,7 @@ class MetadataIndex:
     def top_prefixes(self, n: int = 20) -> list[tuple[str, int, str, int]]:
         """Most-hit prefixes: (last block hex, tokens, tenant label, hits)."""
         rows = self._call(lambda: self._r.zrevrange(self._k("top"), 0, n - 1, withscores=True))
-        out = []
-        for member, score in rows:
-            hx, tokens, tenant = _s(member).split(":", 2)
-            out.append((hx, int(tokens), tenant, int(score)))
-        return out
+        return [(*PrefixKey.parse(_s(member)), int(score)) for member, score in rows]
 
     def set_pinned(self, hashes: Iterable[BlockHash], pinned: bool) -> None:
         """Mark prefixes (by their last block) as pinned by an operator, for the dashboard."""

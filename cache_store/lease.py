@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 
+from cache_store.counters import Counters
 from cache_store.errors import Fenced, IndexUnavailable
 from cache_store.index import MetadataIndex
 from cache_store.tiered import TieredStore
@@ -34,9 +36,12 @@ class LeaseKeeper:
         *,
         info: Mapping[str, object] | None = None,
         gauges: Callable[[], Mapping[str, object]] | None = None,
+        counters: Counters | None = None,
         reap_every: int = 5,
     ):
         self.index, self.store, self.worker_id = index, store, worker_id
+        # flushed with every beat: the store's own, and the owner's (an engine's request counters)
+        self._counters = (store.counters, *([counters] if counters is not None else []))
         self._info = dict(info or {})
         self.gauges = gauges or (lambda: {})
         self._reap_every = reap_every
@@ -70,9 +75,13 @@ class LeaseKeeper:
             if self.generation is None:
                 self.generation = self.index.register(self.worker_id, self._fields())
                 self.store.set_generation(self.generation)
-            deltas = self.store.counters.pending()
-            reply = self.index.heartbeat(self.worker_id, self.generation, self._fields(), deltas)
-            self.store.counters.mark_flushed(deltas)
+            deltas = [c.pending() for c in self._counters]
+            total: Counter[str] = Counter()
+            for d in deltas:
+                total.update(d)
+            reply = self.index.heartbeat(self.worker_id, self.generation, self._fields(), total)
+            for c, d in zip(self._counters, deltas):
+                c.mark_flushed(d)
             if reply.lease_was_missing:
                 self.store.mark_dirty()
             if self.store.needs_resync:

@@ -35,6 +35,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from cache_store.config import CacheConfig
+from cache_store.counter_names import dropped_blocks
 from cache_store.counters import Counters
 from cache_store.errors import IndexUnavailable
 from cache_store.hashing import BlockHash
@@ -480,7 +481,7 @@ class TieredStore:
             self.tree.remove(v.hash)
             self._events.append(("remove", v.hash, tier))
         (self.device_pool if tier == DEVICE else self.host_pool).free([v.slot for v in victims])
-        self.counters.add(f"dropped_blocks_{tier}", len(victims))
+        self.counters.add(dropped_blocks(tier), len(victims))
 
 
 def time_promotion(shape: KVShape, device: torch.device | str, rounds: int = 3) -> float:

@@ -18,8 +18,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import ray
 
 from cluster.http.server import start_http
+from cluster.launch import add_workers, start_service, stop_service
 from cluster.raylink import init_ray
-from cluster.service import ServiceSpec, add_workers, find_router, start_service, stop_service
+from cluster.service import ServiceSpec, find_router
 from worker.actor import NAMESPACE
 from worker.request import Request, Result
 from worker.sequence import Chunk

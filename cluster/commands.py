@@ -79,7 +79,8 @@ def demo(args) -> int:
 
 def start(args) -> int:
     from cache_store import redact
-    from cluster.service import ServiceSpec, start_service
+    from cluster.launch import start_service
+    from cluster.service import ServiceSpec
 
     spec = _service_error(
         ServiceSpec,
@@ -124,7 +125,7 @@ def start(args) -> int:
 def _start_http(args, service: str) -> str:
     """The HTTP API for a just-started service; if it cannot start, the service is stopped again."""
     from cluster.http.server import start_http
-    from cluster.service import stop_service
+    from cluster.launch import stop_service
 
     try:
         return start_http(service, args.http_port, host=args.http_host, api_keys=args.api_keys)
@@ -134,7 +135,7 @@ def _start_http(args, service: str) -> str:
 
 
 def add_workers(args) -> int:
-    from cluster.service import add_workers as add
+    from cluster.launch import add_workers as add
 
     if args.n < 1:
         raise UserError("add at least one worker")
@@ -145,7 +146,7 @@ def add_workers(args) -> int:
 
 
 def stop(args) -> int:
-    from cluster.service import stop_service
+    from cluster.launch import stop_service
 
     with _ray(args.address):
         _service_error(stop_service, args.service)

@@ -16,6 +16,15 @@ from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
+from cache_store.counter_names import (
+    EVICTED,
+    HELD_ELSEWHERE,
+    NEVER_SEEN,
+    PrefixKey,
+    miss_tokens,
+    request_counts,
+    tenant_counter,
+)
 from cluster.policies import Placement, PlacementInput, Policy
 from worker.costs import CostModel
 from worker.request import Request, prompt_ids_problem
@@ -79,7 +88,7 @@ class Router:
         self._roots: OrderedDict[bytes, set[str]] = OrderedDict()
         self._prefixes: Counter[str] = Counter()
         self._turn = 0
-        self._prefix_hits: Counter[str] = Counter()  # "<last block hex>:<tokens>:<tenant>" -> hits, unflushed
+        self._prefix_hits: Counter[str] = Counter()  # PrefixKey member -> hits, unflushed
         # In-flight work per placement: id(plan) -> (worker, estimated prefill seconds, placed at).
         self._work: dict[int, tuple[str, float, float]] = {}
         self.clock = time.monotonic  # seconds; replaceable so tests can move time
@@ -225,18 +234,12 @@ class Router:
         chain, bs = plan.chain, self.block_size
         tenant = tenant_label(cache_salt)
         covered = -(-cached_tokens // bs)  # a whole cached prompt recomputes its last token by design
-        self.counters.add_many(
-            {
-                f"t.{tenant}.requests": 1,
-                f"t.{tenant}.hit_requests": int(cached_tokens > 0),
-                f"t.{tenant}.prompt_tokens": len(plan.token_ids),
-                f"t.{tenant}.cached_tokens": cached_tokens,
-            }
-        )
+        counts = request_counts(len(plan.token_ids), cached_tokens)
+        self.counters.add_many({tenant_counter(tenant, k): v for k, v in counts.items()})
         if covered and chain:
             last = min(covered, len(chain))
             with self._lock:
-                self._prefix_hits[f"{chain[last - 1].hex()}:{last * bs}:{tenant}"] += 1
+                self._prefix_hits[PrefixKey(chain[last - 1].hex(), last * bs, tenant).member()] += 1
         if plan.holdings is None or covered >= len(chain):
             return
         best = max((h.blocks for h in plan.holdings if h.worker_id in self.alive), default=0)
@@ -244,12 +247,12 @@ class Router:
         with self._lock:
             for i in range(covered, len(chain)):
                 if i < best:
-                    reasons["held_elsewhere"] += bs
+                    reasons[HELD_ELSEWHERE] += bs
                 elif bytes(chain[i]) in self._held_once:
-                    reasons["evicted"] += bs
+                    reasons[EVICTED] += bs
                 else:
-                    reasons["never_seen"] += bs
-        self.counters.add_many({f"miss_tokens_{k}": v for k, v in reasons.items()})
+                    reasons[NEVER_SEEN] += bs
+        self.counters.add_many({miss_tokens(k): v for k, v in reasons.items()})
         if cached_tokens == 0:
             self.counters.add("cold_requests")
 

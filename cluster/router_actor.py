@@ -22,7 +22,8 @@ from typing import Any
 import ray
 
 from cache_store import IndexUnavailable, MetadataIndex
-from cluster.dashboard.collect import record_history
+from cache_store.counter_names import ROUTER
+from cluster.history import record_history
 from cluster.policies import make_policy
 from cluster.router import NoWorker, Plan, Router
 from cluster.service import ServiceSpec, redis_name
@@ -295,10 +296,6 @@ class RouterService:
             **summarize(counters),
         }
 
-    async def reset_counters(self) -> None:
-        """Only for tests and benchmarks that compare phases: zero the router's own counters."""
-        self.router.counters = type(self.router.counters)()
-
     # ---- background ------------------------------------------------------------------
 
     async def _background(self) -> None:
@@ -345,7 +342,7 @@ class RouterService:
         deltas = self.router.counters.pending()
         hits = self.router.take_prefix_hits()
         try:
-            self.index.add_counters("router", deltas)
+            self.index.add_counters(ROUTER, deltas)
             self.router.counters.mark_flushed(deltas)
             self.index.record_prefixes(hits)
         except IndexUnavailable:

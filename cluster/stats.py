@@ -11,29 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
-SUMMED = (
-    "requests",
-    "hit_requests",
-    "rejected_requests",
-    "prompt_tokens",
-    "cached_tokens",
-    "prefill_tokens",
-    "generated_tokens",
-    "hit_tokens_device",
-    "hit_tokens_host",
-    "hit_tokens_peer",
-    "spilled_blocks",
-    "dropped_blocks_device",
-    "dropped_blocks_host",
-    "promoted_blocks",
-    "inserted_blocks",
-    "peer_fetches",
-    "peer_fetch_failures",
-    "peer_fetched_blocks",
-    "ttft_us_sum",
-    "audit_checked",
-    "audit_mismatches",
-)
+from cache_store.counter_names import DROP_TIERS, SUMMED, dropped_blocks
 
 
 def ratio(a: float, b: float) -> float:
@@ -45,7 +23,7 @@ def worker_summary(c: Mapping[str, int]) -> dict[str, float]:
     out["hit_rate"] = ratio(out["cached_tokens"], out["prompt_tokens"])
     out["request_hit_rate"] = ratio(out["hit_requests"], out["requests"])
     out["mean_ttft_s"] = ratio(out["ttft_us_sum"] / 1e6, out["requests"])
-    out["evictions"] = out["spilled_blocks"] + out["dropped_blocks_device"] + out["dropped_blocks_host"]
+    out["evictions"] = out["spilled_blocks"] + sum(out[dropped_blocks(t)] for t in DROP_TIERS)
     return out
 
 

@@ -38,6 +38,7 @@ from cache_store import (
     DEVICE_CACHE_GB,
     HOST_CACHE_GB,
     CacheConfig,
+    Counters,
     Exported,
     IndexUnavailable,
     KVShape,
@@ -49,6 +50,7 @@ from cache_store import (
     time_promotion,
     token_blocks,
 )
+from cache_store.counter_names import worker_request_counts
 from cache_store.hashing import BlockHash
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
@@ -104,7 +106,7 @@ class Engine:
         lay = loaded.layout
         shape = KVShape(lay.layers, lay.kv_heads, cache_config.block_size, lay.head_dim, self.dtype)
         self.store = TieredStore(cache_config, shape, device)
-        self.counters = self.store.counters
+        self.counters = Counters()  # requests, peer fetches, audits; the store counts its blocks itself
         self.peer_fetcher = peer_fetcher
         self.blocks = BlockManager(self.store, self.block_size)
         self.scheduler = Scheduler(
@@ -128,7 +130,9 @@ class Engine:
         self.index = index
         self.keeper: LeaseKeeper | None = None
         if index is not None:
-            self.keeper = LeaseKeeper(index, self.store, worker_id, info=self.info(), gauges=self.gauges)
+            self.keeper = LeaseKeeper(
+                index, self.store, worker_id, info=self.info(), gauges=self.gauges, counters=self.counters
+            )
             self.keeper.start()
 
     @classmethod
@@ -417,7 +421,7 @@ class Engine:
             **self.info(),
             "device_tier": s.device._asdict(),
             "host_tier": s.host._asdict(),
-            "counters": s.counters,
+            "counters": {**s.counters, **self.counters.snapshot()},
             "costs": self.costs.to_dict(self.block_size),
             "index_connected": bool(self.keeper and self.keeper.connected),
         }
@@ -629,21 +633,8 @@ class Engine:
         self._inbox.append(ref)
 
     def _count(self, seq: Seq) -> None:
-        r = seq.result
-        self.counters.add_many(
-            {
-                "requests": 1,
-                "hit_requests": int(seq.cached_tokens > 0),
-                "prompt_tokens": len(seq.prompt),
-                "cached_tokens": seq.cached_tokens,
-                "hit_tokens_device": seq.by_tier["device"],
-                "hit_tokens_host": seq.by_tier["host"],
-                "hit_tokens_peer": seq.by_tier["peer"],
-                "prefill_tokens": len(seq.prompt) - seq.cached_tokens,
-                "generated_tokens": len(seq.out),
-                "ttft_us_sum": int(r.ttft_s * 1e6),
-            }
-        )
+        counts = worker_request_counts(len(seq.prompt), seq.cached_tokens, seq.by_tier, len(seq.out), seq.result.ttft_s)
+        self.counters.add_many(counts)
 
     def _measure_prefill(self) -> float:
         """Seconds per prefill token, timed on this device through the engine's own path (best of 2

@@ -9,43 +9,16 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 from cache_store import MetadataIndex
+from cache_store.counter_names import MISS_REASONS, ROUTER, miss_tokens, parse_tenant_counter
+from cache_store.index import Lease, entry_generation
+from cluster.history import window_rates
 from cluster.stats import ratio, summarize
 
-HISTORY_FIELDS = ("requests", "hit_requests", "prompt_tokens", "cached_tokens")
-MISS_REASONS = ("never_seen", "evicted", "held_elsewhere")
-
-
-def history_sample(totals: dict[str, Any], now: float | None = None) -> dict[str, float]:
-    return {"t": now if now is not None else time.time(), **{k: totals.get(k, 0) for k in HISTORY_FIELDS}}
-
-
-def record_history(index: MetadataIndex) -> None:
-    """Append the cluster's cumulative totals to the history stream (the router does this every few seconds)."""
-    workers = index.workers()
-    totals = summarize(index.counters(workers))["totals"]
-    index.append_history(history_sample(totals))
-
-
-def window_rates(samples: list[dict[str, float]]) -> list[dict[str, float | None]]:
-    """Per-interval hit rates between consecutive cumulative samples (None when nothing happened).
-    A counter that went down (service restarted under the same name) starts a new run."""
-    out = []
-    for prev, cur in zip(samples, samples[1:]):
-        d = {k: cur[k] - prev[k] for k in HISTORY_FIELDS}
-        if any(v < 0 for v in d.values()):
-            continue
-        out.append(
-            {
-                "t": cur["t"],
-                "hit_rate": ratio(d["cached_tokens"], d["prompt_tokens"]) if d["prompt_tokens"] else None,
-                "request_hit_rate": ratio(d["hit_requests"], d["requests"]) if d["requests"] else None,
-                "requests": d["requests"],
-            }
-        )
-    return out
+TENANT_ROWS = 50
 
 
 def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[str, Any]:
@@ -53,77 +26,12 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
     now = time.time()
     worker_ids = index.workers()
     leases = index.leases()
-    counters = index.counters([*worker_ids, "router"])
-    router = counters.pop("router", {})
+    counters = index.counters([*worker_ids, ROUTER])
+    router = counters.pop(ROUTER, {})
     info = index.service_info()
     summary = summarize(counters)
-    workers = []
-    compute_saved = 0.0
-    for w in worker_ids:
-        lease = leases.get(w)
-        fields = lease.fields if lease else {}
-        c = summary["per_worker"].get(w, {})
-        us_per_token = float(fields.get("prefill_us_per_token", 0) or 0)
-        saved_s = c.get("cached_tokens", 0) * us_per_token / 1e6
-        compute_saved += saved_s
-        block_bytes = int(fields.get("block_bytes", 0) or 0)
-        workers.append(
-            {
-                "worker_id": w,
-                "alive": lease is not None,
-                "lease_age_s": round(now - float(fields["hb"]), 1) if "hb" in fields else None,
-                "generation": lease.generation if lease else None,
-                "device": fields.get("device", ""),
-                "queue": int(fields.get("queue", 0) or 0),
-                "served": int(fields.get("served", 0) or 0),
-                "requests": c.get("requests", 0),
-                "hit_rate": c.get("hit_rate", 0.0),
-                "request_hit_rate": c.get("request_hit_rate", 0.0),
-                "cached_tokens": c.get("cached_tokens", 0),
-                "evictions": c.get("evictions", 0),
-                "mean_ttft_s": c.get("mean_ttft_s", 0.0),
-                "compute_saved_s": saved_s,
-                "tiers": {
-                    tier: {
-                        "blocks": int(fields.get(f"{tier}_blocks", 0) or 0),
-                        "capacity": int(fields.get(f"{tier}_capacity", 0) or 0),
-                        "bytes": int(fields.get(f"{tier}_blocks", 0) or 0) * block_bytes,
-                        "capacity_bytes": int(fields.get(f"{tier}_capacity", 0) or 0) * block_bytes,
-                    }
-                    for tier in ("device", "host")
-                },
-            }
-        )
-    totals = {**summary["totals"], "compute_saved_s": compute_saved}
-    misses = {r: int(router.get(f"miss_tokens_{r}", 0)) for r in MISS_REASONS}
-    tenants: dict[str, dict[str, int]] = defaultdict(dict)
-    for key, value in router.items():
-        if key.startswith("t."):
-            _, tenant, name = key.split(".", 2)
-            tenants[tenant][name] = int(value)
-    tenant_rows = sorted(
-        (
-            {"tenant": t, **v, "hit_rate": ratio(v.get("cached_tokens", 0), v.get("prompt_tokens", 0))}
-            for t, v in tenants.items()
-        ),
-        key=lambda r: -r.get("requests", 0),
-    )[:50]
-    prefixes = index.top_prefixes(top)
-    entries = index.holders_of([p[0] for p in prefixes])
-    pinned = index.pinned()
-    top_rows = [
-        {
-            "hash": hx[:12],
-            "tokens": tokens,
-            "tenant": tenant,
-            "hits": hits,
-            "holders": sorted(
-                w for w, v in entries.get(hx, {}).items() if w in leases and v.startswith(f"{leases[w].generation}:")
-            ),
-            "pinned": hx in pinned,
-        }
-        for hx, tokens, tenant, hits in prefixes
-    ]
+    workers = [_worker_row(w, leases.get(w), summary["per_worker"].get(w, {}), now) for w in worker_ids]
+    top_rows = _top_prefixes(index, leases, top)
     counts = index.block_counts()
     samples = index.history(history)
     return {
@@ -134,15 +42,85 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
         "workers_alive": sum(w["alive"] for w in workers),
         # cluster-wide: copies held vs different blocks; the gap is capacity spent on duplicates
         "blocks": {"stored": counts.stored, "distinct": counts.distinct, "duplicates": counts.duplicates},
-        "totals": totals,
+        "totals": {**summary["totals"], "compute_saved_s": sum((w["compute_saved_s"] for w in workers), 0.0)},
         "workers": workers,
         "per_worker_counters": summary["per_worker"],
-        "misses": misses,
-        "router": {k: v for k, v in router.items() if not k.startswith("t.")},
-        "tenants": tenant_rows,
+        "misses": {r: int(router.get(miss_tokens(r), 0)) for r in MISS_REASONS},
+        "router": {k: v for k, v in router.items() if parse_tenant_counter(k) is None},
+        "tenants": _tenant_rows(router),
         "top_prefixes": top_rows,
         "history": window_rates(samples),
         "history_cumulative": [
             {"t": s["t"], "hit_rate": ratio(s["cached_tokens"], s["prompt_tokens"])} for s in samples
         ],
     }
+
+
+def _worker_row(worker_id: str, lease: Lease | None, c: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """One worker: liveness and gauges from its lease (none once it died), totals from its counters."""
+    fields = lease.fields if lease else {}
+    us_per_token = float(fields.get("prefill_us_per_token", 0) or 0)
+    block_bytes = int(fields.get("block_bytes", 0) or 0)
+    return {
+        "worker_id": worker_id,
+        "alive": lease is not None,
+        "lease_age_s": round(now - float(fields["hb"]), 1) if "hb" in fields else None,
+        "generation": lease.generation if lease else None,
+        "device": fields.get("device", ""),
+        "queue": int(fields.get("queue", 0) or 0),
+        "served": int(fields.get("served", 0) or 0),
+        "requests": c.get("requests", 0),
+        "hit_rate": c.get("hit_rate", 0.0),
+        "request_hit_rate": c.get("request_hit_rate", 0.0),
+        "cached_tokens": c.get("cached_tokens", 0),
+        "evictions": c.get("evictions", 0),
+        "mean_ttft_s": c.get("mean_ttft_s", 0.0),
+        "compute_saved_s": c.get("cached_tokens", 0) * us_per_token / 1e6,
+        "tiers": {tier: _tier(fields, tier, block_bytes) for tier in ("device", "host")},
+    }
+
+
+def _tier(fields: Mapping[str, str], tier: str, block_bytes: int) -> dict[str, int]:
+    blocks = int(fields.get(f"{tier}_blocks", 0) or 0)
+    capacity = int(fields.get(f"{tier}_capacity", 0) or 0)
+    return {
+        "blocks": blocks,
+        "capacity": capacity,
+        "bytes": blocks * block_bytes,
+        "capacity_bytes": capacity * block_bytes,
+    }
+
+
+def _tenant_rows(router: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Per-tenant request counters from the router's, busiest tenants first."""
+    tenants: dict[str, dict[str, int]] = defaultdict(dict)
+    for key, value in router.items():
+        parsed = parse_tenant_counter(key)
+        if parsed is not None:
+            tenant, name = parsed
+            tenants[tenant][name] = int(value)
+    rows = (
+        {"tenant": t, **v, "hit_rate": ratio(v.get("cached_tokens", 0), v.get("prompt_tokens", 0))}
+        for t, v in tenants.items()
+    )
+    return sorted(rows, key=lambda r: -r.get("requests", 0))[:TENANT_ROWS]
+
+
+def _top_prefixes(index: MetadataIndex, leases: Mapping[str, Lease], n: int) -> list[dict[str, Any]]:
+    """The most-hit prefixes, each with the live workers (current generation) holding its last block."""
+    prefixes = index.top_prefixes(n)
+    entries = index.holders_of([p[0] for p in prefixes])
+    pinned = index.pinned()
+    return [
+        {
+            "hash": hx[:12],
+            "tokens": tokens,
+            "tenant": tenant,
+            "hits": hits,
+            "holders": sorted(
+                w for w, v in entries.get(hx, {}).items() if w in leases and entry_generation(v) == leases[w].generation
+            ),
+            "pinned": hx in pinned,
+        }
+        for hx, tokens, tenant, hits in prefixes
+    ]

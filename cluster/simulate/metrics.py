@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
+from cache_store.counter_names import miss_reason
+
 
 class Outcome(NamedTuple):
     worker_id: str
@@ -66,5 +68,5 @@ def summarize(policy: str, sim) -> PolicyResult:
         stored_blocks=sim.index.stored,
         distinct_blocks=sim.index.distinct,
         duplicate_blocks_mean=sum(dup) / len(dup) if dup else 0.0,
-        miss_tokens={k[len("miss_tokens_") :]: v for k, v in counters.items() if k.startswith("miss_tokens_")},
+        miss_tokens={miss_reason(k): v for k, v in counters.items() if miss_reason(k) is not None},
     )

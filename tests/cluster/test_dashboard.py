@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -212,7 +215,7 @@ def test_token_and_bind_address():
     with EmbeddedRedis() as server:
         dash = DashboardServer(server.url, port=free_port(), token="s3cret").start()
         try:
-            assert dash.httpd.server_address[0] == "127.0.0.1"
+            assert dash.address[0] == "127.0.0.1"
             assert get(dash.url + "api/stats")[0] == 401
             assert get(dash.url + "metrics")[0] == 401
             assert get(dash.url + "api/stats", token="wrong")[0] == 401
@@ -224,13 +227,43 @@ def test_token_and_bind_address():
             dash.stop()
 
 
+LIGHT_DASHBOARD = """
+import json, sys, urllib.request
+import cluster.cli, cluster.commands
+from cluster.dashboard.server import DashboardServer
+dash = DashboardServer(sys.argv[1], port=0).start()
+stats = json.loads(urllib.request.urlopen(dash.url + "api/stats", timeout=10).read())
+text = urllib.request.urlopen(dash.url + "metrics", timeout=10).read().decode()
+dash.stop()
+heavy = sorted(m for m in ("torch", "transformers", "ray") if m in sys.modules)
+print(json.dumps({"heavy": heavy, "index": stats["index_available"], "up": "prefixcache_index_up 1.0" in text}))
+"""
+
+
+def test_dashboard_runs_without_torch_or_ray():
+    """The dashboard needs only Redis: a fresh process that imports the CLI and serves /api/stats and
+    /metrics from a live index has imported neither torch, transformers nor Ray."""
+    with EmbeddedRedis() as server:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(
+            [sys.executable, "-c", LIGHT_DASHBOARD, server.url],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.splitlines()[-1]) == {"heavy": [], "index": True, "up": True}
+
+
 def test_busy_port_and_missing_url_are_clear_errors(monkeypatch, capsys):
     from cluster.cli import main
 
     with EmbeddedRedis() as server:
         dash = DashboardServer(server.url, port=free_port()).start()
         try:
-            port = dash.httpd.server_address[1]
+            port = dash.address[1]
             with pytest.raises(OSError, match="pick another --port"):
                 DashboardServer(server.url, port=port)
         finally:

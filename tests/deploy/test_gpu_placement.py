@@ -11,7 +11,8 @@ import sys
 SCRIPT = r"""
 import json, ray
 from ray.cluster_utils import Cluster
-from cluster.service import ServiceSpec, start_service, stop_service
+from cluster.launch import start_service, stop_service
+from cluster.service import ServiceSpec
 from worker.request import Request
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})

@@ -1,0 +1,115 @@
+"""The counter names in the index, and the string keys built from them.
+
+Workers and the router write counters to Redis; `cluster.stats`, the
+dashboard and the simulator read them back by name. This module is the only
+place that spells those names and key formats, so a writer and a reader can
+never drift apart: build a key here, parse it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+# The owner the router's counters are filed under, beside the worker ids.
+ROUTER = "router"
+
+HIT_TIERS = ("device", "host", "peer")  # where a cached prompt token came from
+DROP_TIERS = ("device", "host")  # a dropped block left this tier for nowhere
+# Why a prompt block missed (token-weighted `miss_tokens` counters); `Router.account` judges each.
+NEVER_SEEN = "never_seen"
+EVICTED = "evicted"
+HELD_ELSEWHERE = "held_elsewhere"
+MISS_REASONS = (NEVER_SEEN, EVICTED, HELD_ELSEWHERE)
+
+_TENANT = "t."  # tenant counters: "t.<tenant label>.<request counter>"
+_MISS = "miss_tokens_"
+
+
+def request_counts(prompt_tokens: int, cached_tokens: int) -> dict[str, int]:
+    """What one finished request adds: to its worker's counters, and to its tenant's in the router."""
+    return {
+        "requests": 1,
+        "hit_requests": int(cached_tokens > 0),
+        "prompt_tokens": prompt_tokens,
+        "cached_tokens": cached_tokens,
+    }
+
+
+def worker_request_counts(
+    prompt_tokens: int, cached_tokens: int, by_tier: Mapping[str, int], generated_tokens: int, ttft_s: float
+) -> dict[str, int]:
+    """What one finished request adds to its worker's counters (`by_tier`: cached tokens per HIT_TIERS)."""
+    return {
+        **request_counts(prompt_tokens, cached_tokens),
+        **{hit_tokens(t): by_tier[t] for t in HIT_TIERS},
+        "prefill_tokens": prompt_tokens - cached_tokens,
+        "generated_tokens": generated_tokens,
+        "ttft_us_sum": int(ttft_s * 1e6),  # integer microseconds: index counters are HINCRBY
+    }
+
+
+def hit_tokens(tier: str) -> str:
+    return f"hit_tokens_{tier}"
+
+
+def dropped_blocks(tier: str) -> str:
+    return f"dropped_blocks_{tier}"
+
+
+def miss_tokens(reason: str) -> str:
+    return f"{_MISS}{reason}"
+
+
+def miss_reason(name: str) -> str | None:
+    """The reason of a `miss_tokens` counter name; None for any other counter."""
+    return name[len(_MISS) :] if name.startswith(_MISS) else None
+
+
+def tenant_counter(tenant: str, name: str) -> str:
+    """A request counter of one tenant; `tenant` is a label (`cluster.router.tenant_label`), which has no dot."""
+    return f"{_TENANT}{tenant}.{name}"
+
+
+def parse_tenant_counter(key: str) -> tuple[str, str] | None:
+    """(tenant label, counter name) of a tenant counter; None for any other counter."""
+    if not key.startswith(_TENANT):
+        return None
+    tenant, name = key[len(_TENANT) :].split(".", 1)
+    return tenant, name
+
+
+class PrefixKey(NamedTuple):
+    """A cached prefix as the router counts its hits: its last block, its length, its tenant."""
+
+    last_block: str  # hex
+    tokens: int
+    tenant: str
+
+    def member(self) -> str:
+        """The sorted-set member in the index: "<last block hex>:<tokens>:<tenant>"."""
+        return f"{self.last_block}:{self.tokens}:{self.tenant}"
+
+    @classmethod
+    def parse(cls, member: str) -> PrefixKey:
+        hx, tokens, tenant = member.split(":", 2)
+        return cls(hx, int(tokens), tenant)
+
+
+# Added once per finished request, by its worker and (per tenant) by the router.
+REQUEST_COUNTERS = tuple(request_counts(0, 0))
+
+# Worker counters that `cluster.stats` totals across workers (every one monotonic).
+SUMMED = (
+    *worker_request_counts(0, 0, dict.fromkeys(HIT_TIERS, 0), 0, 0.0),
+    "rejected_requests",
+    "spilled_blocks",
+    *(dropped_blocks(t) for t in DROP_TIERS),
+    "promoted_blocks",
+    "inserted_blocks",
+    "peer_fetches",
+    "peer_fetch_failures",
+    "peer_fetched_blocks",
+    "audit_checked",
+    "audit_mismatches",
+)
