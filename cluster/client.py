@@ -83,7 +83,7 @@ class Cluster:
         return c
 
     @classmethod
-    def connect(cls, address: str = "auto", *, service: str = "default") -> Cluster:
+    def connect(cls, address: str = "auto", *, service: str = ServiceSpec.service) -> Cluster:
         """Attach to a running service (`ray://host:10001` through Ray client, or `auto` inside the cluster)."""
         owns_ray = not ray.is_initialized()
         if owns_ray:

@@ -137,7 +137,7 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
     return handles
 
 
-def stop_service(service: str = "default") -> None:
+def stop_service(service: str = CacheConfig.service) -> None:
     """Graceful stop: the HTTP API first (in-flight requests finish), then workers deregister from the
     index, then every actor of the service is killed."""
     from cluster.http.server import stop_http

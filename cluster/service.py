@@ -101,7 +101,7 @@ def worker_ids(n: int, start: int = 0) -> list[str]:
     return [f"worker-{i}" for i in range(start, start + n)]
 
 
-def find_router(service: str = "default"):
+def find_router(service: str = CacheConfig.service):
     try:
         return ray.get_actor(router_name(service), namespace=NAMESPACE)
     except ValueError:

@@ -25,7 +25,7 @@ class DashboardServer:
         self,
         redis_url: str,
         *,
-        service: str = "default",
+        service: str = CacheConfig.service,
         host: str = "127.0.0.1",
         port: int = 8000,
         token: str | None = None,
