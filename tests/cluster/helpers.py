@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from tests.polling import wait_for
 
+# BENCHMARKS.md's sections from `prefixcache bench`'s service part, in order (titles up to " (")
+SUITE_HEADINGS = (
+    "## Goals",
+    "## Shared system prompts",
+    "## Multi-turn chats",
+    "## No sharing",
+    "## Prefix length sweep",
+    "## Workers",
+)
+
 
 def cancelled_on_workers(cluster) -> int:
     """Requests the workers cancelled so far, all workers together."""

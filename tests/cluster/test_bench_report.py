@@ -5,6 +5,8 @@ from pathlib import Path
 
 from cluster.bench.report import KEEP, kept_sections, write
 
+from .helpers import SUITE_HEADINGS
+
 RESULTS = Path(__file__).resolve().parents[2] / "bench-results.json"  # the last full suite run
 
 
@@ -25,13 +27,6 @@ def test_write_replaces_the_suite_part_and_keeps_the_rest(tmp_path):
     assert text.startswith("# Benchmarks\n") and "old suite output" not in text
     assert text.endswith(kept) and text.count(KEEP) == 1
     headings = [line for line in text.split(KEEP)[0].splitlines() if line.startswith("## ")]
-    assert [h.split(" (")[0] for h in headings] == [
-        "## Goals",
-        "## Shared system prompts",
-        "## Multi-turn chats",
-        "## No sharing",
-        "## Prefix length sweep",
-        "## Workers",
-    ]
+    assert tuple(h.split(" (")[0] for h in headings) == SUITE_HEADINGS
     for plot in ("ttft_cdf.png", "speedup_vs_prefix.png", "hit_rate_vs_workers.png"):
         assert f"](bench-plots/{plot})" in text and (tmp_path / "bench-plots" / plot).stat().st_size > 5000
