@@ -89,7 +89,13 @@ def terminate_and_check(proc: subprocess.Popen, lines: list[str], timeout: float
 def open_stream(port: int):
     """A streamed chat on the running demo, read up to its first piece of text."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "stream": True}
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 300,
+        "temperature": 0,  # greedy: a sampled end of text would finish it early, not at max_tokens
+        "stream": True,
+    }
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200
