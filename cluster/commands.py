@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import shutil
 import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.lifecycle import stop_on_sigterm
+
+if TYPE_CHECKING:
+    from cluster.jsonl import Line
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
@@ -215,98 +220,165 @@ def submit(args) -> int:
 
 
 def _submit_client(args, path: Path, out_path: str, marked: bool = False) -> int:
-    from tqdm import tqdm
-
+    """Run a batch through Ray client (or on a node, as a Ray Job's entrypoint when `marked`)."""
     from cluster.client import Cluster
-    from cluster.jsonl import RESULT_MARKER, dumps, error_record, read_requests, result_record
+    from cluster.jsonl import RESULT_MARKER, SUMMARY_MARKER
 
-    with open(path, "rb") as f:
-        lines = [line for line in read_requests(f) if line.request is not None or line.error is not None]
+    lines = _read_batch(path)
     valid = [line for line in lines if line.request is not None]
-    order = [line.number for line in lines]
-    records = {line.number: error_record(line.number, line.error) for line in lines if line.error}
-    out = sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8")
-    prefix = RESULT_MARKER if marked else ""
-    written = 0
-
-    def flush() -> None:
-        nonlocal written
-        while written < len(order) and order[written] in records:
-            out.write(prefix + dumps(records.pop(order[written])) + "\n")
-            written += 1
-        out.flush()
-
-    ok = errors = prompt = cached = 0
-    try:
+    tally = _Tally()
+    with _results_out(out_path) as out:
+        ordered = _InOrder(out, lines, RESULT_MARKER if marked else "")
         with _ray(args.address):
             cluster = _service_error(Cluster.connect, args.address, service=args.service)
-            bar = tqdm(total=len(valid), unit="req", file=sys.stderr, disable=args.no_progress)
-            flush()
-            for i, result in cluster.submit([line.request for line in valid], tenant=args.tenant, window=args.window):
-                records[valid[i].number] = result_record(valid[i].number, result)
-                if result.ok:
-                    ok += 1
-                    prompt += result.prompt_tokens
-                    cached += result.cached_tokens
-                else:
-                    errors += 1
-                bar.update(1)
-                flush()
-            bar.close()
-        flush()
-    finally:
-        if out is not sys.stdout:
-            out.close()
+            ordered.flush()  # bad lines before the first request are written at once
+            _run_batch(cluster, args, valid, ordered, tally)
     bad_lines = len(lines) - len(valid)
-    hit = f"{cached / prompt:.1%}" if prompt else "n/a"
-    print(
-        f"{len(lines)} lines: {ok} ok, {errors} failed, {bad_lines} bad lines; hit rate {hit} "
-        f"({cached:,} of {prompt:,} prompt tokens cached)" + ("" if out_path == "-" else f"; results in {out_path}"),
-        file=sys.stderr,
-    )
-    return EXIT_OK if errors == 0 and bad_lines == 0 else EXIT_PARTIAL
+    summary = tally.summary(len(lines), bad_lines) + ("" if out_path == "-" else f"; results in {out_path}")
+    print((SUMMARY_MARKER if marked else "") + summary, file=sys.stderr)
+    return EXIT_OK if tally.errors == 0 and bad_lines == 0 else EXIT_PARTIAL
+
+
+def _read_batch(path: Path) -> list[Line]:
+    """Every request line and every bad line of the file (blank lines dropped), numbered."""
+    from cluster.jsonl import read_requests
+
+    with open(path, "rb") as f:
+        return [line for line in read_requests(f) if line.request is not None or line.error is not None]
+
+
+@contextmanager
+def _results_out(out_path: str):
+    """The results file, or stdout for "-": stdout is flushed, never closed (the CLI may run in-process)."""
+    if out_path == "-":
+        try:
+            yield sys.stdout
+        finally:
+            sys.stdout.flush()
+        return
+    with open(out_path, "w", encoding="utf-8") as f:
+        yield f
+
+
+class _InOrder:
+    """Writes records in input-line order as results arrive out of order: a reader can tail the file."""
+
+    def __init__(self, out, lines: list[Line], marker: str):
+        from cluster.jsonl import error_record
+
+        self.out, self.marker = out, marker
+        self.order = [line.number for line in lines]
+        self.ready = {line.number: error_record(line.number, line.error) for line in lines if line.error}
+        self.written = 0
+
+    def add(self, number: int, record: dict) -> None:
+        self.ready[number] = record
+        self.flush()
+
+    def flush(self) -> None:
+        from cluster.jsonl import dumps
+
+        while self.written < len(self.order) and self.order[self.written] in self.ready:
+            self.out.write(self.marker + dumps(self.ready.pop(self.order[self.written])) + "\n")
+            self.written += 1
+        self.out.flush()
+
+
+class _Tally:
+    """Counts for the batch's summary line."""
+
+    def __init__(self):
+        self.ok = self.errors = self.prompt = self.cached = 0
+
+    def add(self, result) -> None:
+        if not result.ok:
+            self.errors += 1
+            return
+        self.ok += 1
+        self.prompt += result.prompt_tokens
+        self.cached += result.cached_tokens
+
+    def summary(self, n_lines: int, bad_lines: int) -> str:
+        hit = f"{self.cached / self.prompt:.1%}" if self.prompt else "n/a"
+        return (
+            f"{n_lines} lines: {self.ok} ok, {self.errors} failed, {bad_lines} bad lines; hit rate {hit} "
+            f"({self.cached:,} of {self.prompt:,} prompt tokens cached)"
+        )
+
+
+def _run_batch(cluster, args, valid: list[Line], ordered: _InOrder, tally: _Tally) -> None:
+    from tqdm import tqdm
+
+    from cluster.jsonl import result_record
+
+    bar = tqdm(total=len(valid), unit="req", file=sys.stderr, disable=args.no_progress)
+    for i, result in cluster.submit([line.request for line in valid], tenant=args.tenant, window=args.window):
+        ordered.add(valid[i].number, result_record(valid[i].number, result))
+        tally.add(result)
+        bar.update(1)
+    bar.close()
 
 
 def _submit_job(args, path: Path, out_path: str) -> int:
     """Run the same batch as a Ray Job on the cluster; results come back through the job's log."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobStatus
 
-    from cluster.jsonl import RESULT_MARKER
+    from cluster.jsonl import RESULT_MARKER, SUMMARY_MARKER, marked_lines
 
-    try:
-        client = JobSubmissionClient(args.jobs)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"could not reach the Ray Jobs API at {args.jobs}: {e}") from None
+    client = _jobs_client(args.jobs)
     workdir = Path(tempfile.mkdtemp(prefix="prefixcache-job-"))
-    shutil.copy(path, workdir / "requests.jsonl")
-    entry = f"prefixcache submit requests.jsonl --address auto --service {args.service} --out - --marked --no-progress"
-    if args.tenant:
-        entry += f" --tenant {json.dumps(args.tenant)}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(workdir)})
-            break
-        except RuntimeError as e:  # the head's job agent is still starting: Ray says to retry
-            if "try again later" not in str(e) or time.monotonic() > deadline:
-                raise UserError(f"the Ray Jobs API refused the job: {e}") from None
-            time.sleep(2.0)
-    print(f"submitted Ray Job {job_id}", file=sys.stderr)
-    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-    while (status := client.get_job_status(job_id)) not in terminal:
-        time.sleep(1.0)
-    logs = client.get_job_logs(job_id)
-    results = [line[len(RESULT_MARKER) :] for line in logs.splitlines() if line.startswith(RESULT_MARKER)]
-    with sys.stdout if out_path == "-" else open(out_path, "w", encoding="utf-8") as out:
-        for line in results:
-            out.write(line + "\n")
-    shutil.rmtree(workdir, ignore_errors=True)
-    summary = [line for line in logs.splitlines() if " lines: " in line]
+    try:
+        shutil.copy(path, workdir / "requests.jsonl")
+        job_id = _submit_with_retry(client, _job_entrypoint(args), workdir)
+        print(f"submitted Ray Job {job_id}", file=sys.stderr)
+        status = _wait_until_done(client, job_id)
+        logs = client.get_job_logs(job_id)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    with _results_out(out_path) as out:
+        out.writelines(record + "\n" for record in marked_lines(logs, RESULT_MARKER))
+    summary = marked_lines(logs, SUMMARY_MARKER)
     if status != JobStatus.SUCCEEDED and not summary:
         raise UserError(f"Ray Job {job_id} {status.value} before finishing the batch; its log:\n{logs[-3000:]}")
     outcome = "finished" if status == JobStatus.SUCCEEDED else "finished, some lines failed"
     print(f"Ray Job {job_id} {outcome}: {summary[-1]}", file=sys.stderr)
     return EXIT_OK if status == JobStatus.SUCCEEDED else EXIT_PARTIAL
+
+
+def _jobs_client(url: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(url)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"could not reach the Ray Jobs API at {url}: {e}") from None
+
+
+def _job_entrypoint(args) -> str:
+    """`submit` again, on a node of the cluster, with its results and summary marked in the job's log."""
+    argv = ["prefixcache", "submit", "requests.jsonl", "--address", "auto", "--service", args.service]
+    argv += ["--out", "-", "--marked", "--no-progress"] + (["--tenant", args.tenant] if args.tenant else [])
+    return shlex.join(argv)  # a shell runs it
+
+
+def _submit_with_retry(client, entrypoint: str, workdir: Path, patience_s: float = 120.0) -> str:
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(workdir)})
+        except RuntimeError as e:  # the head's job agent is still starting: Ray says to retry
+            if "try again later" not in str(e) or time.monotonic() > deadline:
+                raise UserError(f"the Ray Jobs API refused the job: {e}") from None
+            time.sleep(2.0)
+
+
+def _wait_until_done(client, job_id: str):
+    from ray.job_submission import JobStatus
+
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    while (status := client.get_job_status(job_id)) not in terminal:
+        time.sleep(1.0)
+    return status
 
 
 def dashboard(args) -> int:

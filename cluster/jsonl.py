@@ -17,7 +17,12 @@ from typing import IO, Any, NamedTuple
 from worker.request import Request, Result
 
 MAX_LINE_BYTES = 4 << 20
-RESULT_MARKER = "PREFIXCACHE-RESULT "  # prefixes result lines in a Ray Job's log
+# A Ray Job's log is the only output its submitter can read back (status and submit-time metadata
+# aside), and Ray and Python write to it too: the job marks its own lines and the submitter keeps
+# only those. Each marker starts with a control character (RS), which json.dumps always escapes:
+# no record, whatever text it carries, can hold a marker.
+RESULT_MARKER = "\x1ePREFIXCACHE-RESULT "  # before each result record
+SUMMARY_MARKER = "\x1ePREFIXCACHE-SUMMARY "  # before the batch's one-line summary
 
 
 class Line(NamedTuple):
@@ -74,3 +79,10 @@ def error_record(number: int, error: str, id: str | None = None) -> dict[str, An
 
 def dumps(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False)
+
+
+def marked_lines(log: str, marker: str) -> list[str]:
+    """The text after `marker` on each line of a Ray Job's log that has it. Split on "\\n" alone: a
+    record may hold U+2028 or U+0085 (json.dumps keeps them raw), which str.splitlines() would break
+    on. The marker may sit after the start of a line, behind a partial line the job's stderr left."""
+    return [line.partition(marker)[2] for line in log.split("\n") if marker in line]

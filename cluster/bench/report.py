@@ -139,6 +139,12 @@ HEADER = [
 def plots(res, out: Path) -> None:
     d = out / PLOTS
     d.mkdir(exist_ok=True)
+    ttft_cdf_plot(res, d / "ttft_cdf.png")
+    speedup_plot(res["inproc"]["sweep"], d / "speedup_vs_prefix.png")
+    workers_plot(res["service"]["workers"], d / "hit_rate_vs_workers.png")
+
+
+def ttft_cdf_plot(res, path: Path) -> None:
     inproc, svc = res["inproc"], res["service"]
     fig, ax = plt.subplots(figsize=(7, 4))
     series = {
@@ -154,12 +160,12 @@ def plots(res, out: Path) -> None:
     ax.set_ylabel("fraction of requests")
     ax.set_title("TTFT CDF, shared system prompts")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(d / "ttft_cdf.png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
+
+def speedup_plot(sweep: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    sw = [s for s in inproc["sweep"] if s["prefix_tokens"]]
+    sw = [s for s in sweep if s["prefix_tokens"]]
     xs = [s["prefix_tokens"] for s in sw]
     ax.plot(xs, [s["plain_ttft_s"] / s["cached_ttft_s"] for s in sw], "o-", label="prefixcache (warm) vs plain")
     ax.plot(xs, [s["plain_ttft_s"] / s["limit_s"] for s in sw], "s--", label="suffix-only limit vs plain")
@@ -167,52 +173,56 @@ def plots(res, out: Path) -> None:
     ax.set_ylabel("TTFT speedup (x)")
     ax.set_title("Speedup vs prefix length")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(d / "speedup_vs_prefix.png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
+
+def workers_plot(workers: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
-    ws = sorted(svc["workers"], key=int)
-    ax.plot([int(w) for w in ws], [100 * svc["workers"][w]["hit_rate"] for w in ws], "o-", label="hit rate (%)")
+    ws = sorted(workers, key=int)
+    xs = [int(w) for w in ws]
+    ax.plot(xs, [100 * workers[w]["hit_rate"] for w in ws], "o-", label="hit rate (%)")
     ax.set_ylim(0, 100)
     ax.set_xlabel("workers (same total cache)")
     ax.set_ylabel("token hit rate (%)")
     ax2 = ax.twinx()
-    ax2.plot(
-        [int(w) for w in ws], [svc["workers"][w]["req_per_s"] for w in ws], "s--", color="tab:green", label="requests/s"
-    )
+    ax2.plot(xs, [workers[w]["req_per_s"] for w in ws], "s--", color="tab:green", label="requests/s")
     ax2.set_ylabel("requests/s")
-    ax.set_xticks([int(w) for w in ws])
+    ax.set_xticks(xs)
     ax.set_title("Hit rate and throughput vs workers")
     fig.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(d / "hit_rate_vs_workers.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write(res: dict, out: Path) -> None:
+    """BENCHMARKS.md from one suite run: its sections in reading order, then the kept ones."""
     plots(res, out)
-    m, size, svc = res["machine"], res["sizes"], res["service"]
+    lines = (
+        intro(res)
+        + goals_section(res)
+        + shared_section(res)
+        + chats_section(res)
+        + cold_section(res)
+        + sweep_section(res)
+        + workers_section(res)
+    )
+    if "batching" in res:
+        from cluster.bench.batching import report_lines
+
+        lines += report_lines(res["batching"])
+    (out / "BENCHMARKS.md").write_text("\n".join(lines) + kept_sections(out / "BENCHMARKS.md"))
+
+
+def intro(res) -> list[str]:
+    """Where the numbers come from and how to read them."""
+    m, svc = res["machine"], res["service"]
     cmd = "prefixcache bench --quick" if res["quick"] else "prefixcache bench"
-    sweep_rows = [
-        [
-            s["prefix_tokens"],
-            ms(s["plain_ttft_s"]),
-            ms(s["cached_ttft_s"]),
-            ms(s["limit_s"]),
-            f"{s['plain_ttft_s'] / s['cached_ttft_s']:.1f}x",
-            f"{s['cached_ttft_s'] / s['limit_s']:.2f}x",
-            s["cached_tokens"],
-        ]
-        for s in res["inproc"]["sweep"]
-    ]
-    worker_rows = [
-        [w, f"{v['hit_rate']:.1%}", f"{v['req_per_s']:.2f}", f"{v['tok_per_s']:.1f}"]
-        for w, v in sorted(svc["workers"].items(), key=lambda kv: int(kv[0]))
-    ]
-    limits = res["inproc"]["shared"]["limit_s"]
-    d_rows = svc["modes"]["d"]["shared"]
-    lines = [
+    return [
         "# Benchmarks",
         "",
         f"Made by `{cmd}` on {m['date']} in {res['elapsed_s'] / 60:.1f} minutes; every number below comes from that one "
@@ -231,20 +241,34 @@ def write(res: dict, out: Path) -> None:
         "system prompts). (c) is the same service with `round_robin` placement: each worker caches only what it "
         "saw, what per-replica prefix caching gives behind a plain load balancer.",
         "",
-        "## Goals",
-        "",
-        table(goals(res), ["goal", "target", "measured", "met"]),
-        "",
+    ]
+
+
+def goals_section(res) -> list[str]:
+    return ["## Goals", "", table(goals(res), ["goal", "target", "measured", "met"]), ""]
+
+
+def shared_section(res) -> list[str]:
+    size = res["sizes"]
+    warm = summary(res["service"]["modes"]["d"]["shared"])["warm_ttft_p50"]
+    limit = pct(res["inproc"]["shared"]["limit_s"], 50)
+    return [
         f"## Shared system prompts ({size['systems']} prompts of {size['min_chars']}-{size['max_chars']} tokens, "
         f"Zipf popularity, {size['questions']} requests, {size['new_tokens']} new tokens each)",
         "",
         table(mode_rows(res, "shared"), HEADER),
         "",
-        f"Warm requests of (d): TTFT p50 {ms(summary(d_rows)['warm_ttft_p50'])} against a suffix-only limit p50 of "
-        f"{ms(pct(limits, 50))} for the same prompts (the prefix's KV already in a cache, only the question computed).",
+        f"Warm requests of (d): TTFT p50 {ms(warm)} against a suffix-only limit p50 of "
+        f"{ms(limit)} for the same prompts (the prefix's KV already in a cache, only the question computed).",
         "",
         "![TTFT CDF](" + PLOTS + "/ttft_cdf.png)",
         "",
+    ]
+
+
+def chats_section(res) -> list[str]:
+    size = res["sizes"]
+    return [
         f"## Multi-turn chats ({size['chats']} chats x {size['turns']} turns, each prompt = previous prompt + answer "
         "+ new question)",
         "",
@@ -253,39 +277,67 @@ def write(res: dict, out: Path) -> None:
         "The prompt-cache recipe (b) has no answer for growing conversations, and (a) recomputes everything; "
         "prefixcache stores generated tokens' blocks too, so each turn hits the previous one.",
         "",
+    ]
+
+
+def cold_section(res) -> list[str]:
+    size = res["sizes"]
+    return [
         f"## No sharing ({size['cold_n']} distinct prompts of {size['cold_chars']} tokens)",
         "",
         table(mode_rows(res, "cold"), HEADER),
         "",
+    ]
+
+
+SWEEP_HEADER = [
+    "prefix tokens",
+    "plain TTFT",
+    "cached TTFT",
+    "suffix-only limit",
+    "speedup",
+    "cached / limit",
+    "cached tokens",
+]
+
+
+def sweep_section(res) -> list[str]:
+    rows = [
+        [
+            s["prefix_tokens"],
+            ms(s["plain_ttft_s"]),
+            ms(s["cached_ttft_s"]),
+            ms(s["limit_s"]),
+            f"{s['plain_ttft_s'] / s['cached_ttft_s']:.1f}x",
+            f"{s['cached_ttft_s'] / s['limit_s']:.2f}x",
+            s["cached_tokens"],
+        ]
+        for s in res["inproc"]["sweep"]
+    ]
+    return [
         "## Prefix length sweep (in-process Engine, 64-token suffix, first token)",
         "",
-        table(
-            sweep_rows,
-            [
-                "prefix tokens",
-                "plain TTFT",
-                "cached TTFT",
-                "suffix-only limit",
-                "speedup",
-                "cached / limit",
-                "cached tokens",
-            ],
-        ),
+        table(rows, SWEEP_HEADER),
         "",
         "![speedup](" + PLOTS + "/speedup_vs_prefix.png)",
         "",
+    ]
+
+
+def workers_section(res) -> list[str]:
+    workers = res["service"]["workers"]
+    rows = [
+        [w, f"{v['hit_rate']:.1%}", f"{v['req_per_s']:.2f}", f"{v['tok_per_s']:.1f}"]
+        for w, v in sorted(workers.items(), key=lambda kv: int(kv[0]))
+    ]
+    return [
         "## Workers (same total cache, shared system prompts)",
         "",
-        table(worker_rows, ["workers", "hit rate", "req/s", "tok/s"]),
+        table(rows, ["workers", "hit rate", "req/s", "tok/s"]),
         "",
         "![workers](" + PLOTS + "/hit_rate_vs_workers.png)",
         "",
     ]
-    if "batching" in res:
-        from cluster.bench.batching import report_lines
-
-        lines += report_lines(res["batching"])
-    (out / "BENCHMARKS.md").write_text("\n".join(lines) + kept_sections(out / "BENCHMARKS.md"))
 
 
 KEEP = "<!-- Sections below this line come from other benchmark commands; `prefixcache bench` keeps them. -->"

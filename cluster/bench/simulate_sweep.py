@@ -3,7 +3,7 @@
     python -m cluster.bench.simulate_sweep --trace ../shared/traces/mooncake_synthetic_trace.jsonl
 
 Two capacity regimes, because they answer different questions: a fixed cache per worker (the
-issue's 1,500 blocks; at 64+ workers the cluster holds the whole working set, so only placement
+goal's 1,500 blocks; at 64+ workers the cluster holds the whole working set, so only placement
 and duplicates can lose hits), and a fixed total (the cluster's cache is smaller than the working
 set at every size, so every duplicate copy costs a distinct block).
 """

@@ -24,7 +24,7 @@ from worker.demo_model import demo_block_bytes
 
 BLOCK = CacheConfig.block_size  # the service's default, which every benchmark cluster runs with
 BLOCK_BYTES = demo_block_bytes(BLOCK)
-SWEEP_SUFFIX = 64  # user suffix after the cached prefix, as in the issue-3 benchmark (1,536 + 64 tokens)
+SWEEP_SUFFIX = 64  # user suffix after the cached prefix: a short question after a system prompt
 
 
 @dataclass(frozen=True)
@@ -199,72 +199,89 @@ def inprocess(size: Sizes, log) -> dict:
 
 
 def service_modes(size: Sizes, log) -> dict:
-    from cluster.bench.modes import run_chats, run_through, tier_bytes
-    from cluster.client import Cluster
-    from cluster.workload import cold
-
-    def shared(salt: str):
-        return shared_workload(size, salt)
-
-    working_set = sum(len(p) // BLOCK for p in shared("x").prefixes)  # blocks of system prompt (byte tokenizer)
+    """(d), (c) and (e) through the real service, then hit rate and throughput by worker count."""
+    working_set = sum(len(p) // BLOCK for p in shared_workload(size, "x").prefixes)  # blocks (byte tokenizer)
     # Every mode gets the same total cache: 1.5x the system prompts. Split over 2 workers that is 0.75x
     # each: enough for each worker's share when prompts stick to workers, too little for all of them.
     total_gb = 1.5 * working_set * BLOCK_BYTES / GIB
-    out: dict = {"working_set_blocks": working_set, "total_cache_gb": total_gb, "modes": {}, "workers": {}}
+    modes = _two_worker_modes(size, total_gb / 2, log)
+    modes["e"] = _host_tier_mode(size, total_gb / 2, log)
+    workers = {"2": _hit_and_rate(modes["d"])}
+    for n in size.workers:
+        if str(n) not in workers:
+            workers[str(n)] = _same_total_cache(n, size, total_gb, log)
+    return {"working_set_blocks": working_set, "total_cache_gb": total_gb, "modes": modes, "workers": workers}
 
-    def mode(cluster: Cluster, key: str, n_workers: int):
-        wl = shared(key)
-        samples, _, wall = run_through(cluster, wl.requests, 2 * n_workers)
-        chat_samples, chat_wall = run_chats(
-            cluster, size.chats, size.turns, salt=key + "-chat", max_new_tokens=size.new_tokens, seed=3
-        )
-        cw = cold(size.cold_n, size.cold_chars, max_new_tokens=size.new_tokens, seed=2, cache_salt=key + "-cold")
-        cold_samples, _, cold_wall = run_through(cluster, cw.requests, 2 * n_workers)
-        return {
-            "shared": _rows(samples),
-            "shared_wall_s": wall,
-            "chats": _rows(chat_samples),
-            "chats_wall_s": chat_wall,
-            "cold": _rows(cold_samples),
-            "cold_wall_s": cold_wall,
-            "memory": tier_bytes(cluster),
-        }
+
+def _two_worker_modes(size: Sizes, per_worker_gb: float, log) -> dict:
+    """(d), then (c) on the same workers: each mode's own salts keep (d)'s blocks from serving (c)."""
+    from cluster.client import Cluster
 
     log("service: 2 workers, (d) cache-aware, then (c) round robin with per-worker caches ...")
-    per2 = total_gb / 2
-    two = Cluster.start(workers=2, service="bench-2", device_cache_gb=per2, host_cache_gb=0)
+    two = Cluster.start(workers=2, service="bench-2", device_cache_gb=per_worker_gb, host_cache_gb=0)
     try:
-        out["modes"]["d"] = mode(two, "d", 2)
+        modes = {"d": _mode(two, size, "d", 2)}
         two.set_policy("round_robin")
-        out["modes"]["c"] = mode(two, "c", 2)
+        modes["c"] = _mode(two, size, "c", 2)
     finally:
         two.shutdown()
-    out["workers"]["2"] = _hit_and_rate(out["modes"]["d"])
+    return modes
+
+
+def _host_tier_mode(size: Sizes, per_worker_gb: float, log) -> dict:
+    from cluster.client import Cluster
 
     log("service: (e) a device tier a quarter of that, the host tier holding the rest ...")
     # The device tier is also the running requests' KV memory: it must hold the 2 that run on each
     # worker at once, whatever the quarter is.
-    longest = max(len(r.prompt) + r.max_new_tokens for r in shared("e").requests)
+    longest = max(len(r.prompt) + r.max_new_tokens for r in shared_workload(size, "e").requests)
     running_gb = 2 * (longest // BLOCK + 2) * BLOCK_BYTES / GIB
     small = Cluster.start(
-        workers=2, service="bench-host", device_cache_gb=max(per2 / 4, running_gb), host_cache_gb=per2
+        workers=2,
+        service="bench-host",
+        device_cache_gb=max(per_worker_gb / 4, running_gb),
+        host_cache_gb=per_worker_gb,
     )
     try:
-        out["modes"]["e"] = mode(small, "e", 2)
+        return _mode(small, size, "e", 2)
     finally:
         small.shutdown()
 
-    for n in size.workers:
-        if str(n) in out["workers"]:
-            continue
-        log(f"service: {n} worker(s) with the same total cache ...")
-        c = Cluster.start(workers=n, service=f"bench-{n}w", device_cache_gb=total_gb / n, host_cache_gb=0)
-        try:
-            samples, _, wall = run_through(c, shared(f"w{n}").requests, 2 * n)
-            out["workers"][str(n)] = _hit_and_rate({"shared": _rows(samples), "shared_wall_s": wall})
-        finally:
-            c.shutdown()
-    return out
+
+def _same_total_cache(n: int, size: Sizes, total_gb: float, log) -> dict:
+    """Hit rate and throughput of `n` workers sharing `total_gb` of cache, shared system prompts only."""
+    from cluster.bench.modes import run_through
+    from cluster.client import Cluster
+
+    log(f"service: {n} worker(s) with the same total cache ...")
+    c = Cluster.start(workers=n, service=f"bench-{n}w", device_cache_gb=total_gb / n, host_cache_gb=0)
+    try:
+        samples, _, wall = run_through(c, shared_workload(size, f"w{n}").requests, 2 * n)
+        return _hit_and_rate({"shared": _rows(samples), "shared_wall_s": wall})
+    finally:
+        c.shutdown()
+
+
+def _mode(cluster, size: Sizes, key: str, n_workers: int) -> dict:
+    """One service mode through all three workloads, two requests in flight per worker; `key` salts them."""
+    from cluster.bench.modes import run_chats, run_through, tier_bytes
+    from cluster.workload import cold
+
+    samples, _, wall = run_through(cluster, shared_workload(size, key).requests, 2 * n_workers)
+    chat_samples, chat_wall = run_chats(
+        cluster, size.chats, size.turns, salt=key + "-chat", max_new_tokens=size.new_tokens, seed=3
+    )
+    cw = cold(size.cold_n, size.cold_chars, max_new_tokens=size.new_tokens, seed=2, cache_salt=key + "-cold")
+    cold_samples, _, cold_wall = run_through(cluster, cw.requests, 2 * n_workers)
+    return {
+        "shared": _rows(samples),
+        "shared_wall_s": wall,
+        "chats": _rows(chat_samples),
+        "chats_wall_s": chat_wall,
+        "cold": _rows(cold_samples),
+        "cold_wall_s": cold_wall,
+        "memory": tier_bytes(cluster),
+    }
 
 
 def _rows(samples) -> list[dict]:

@@ -4,6 +4,7 @@ import torch
 
 from cache_store import CacheConfig, KVShape, TieredStore
 from cache_store.hashing import block_chain, root_hash, token_blocks
+from cache_store.tree import DEVICE
 
 SHAPE = KVShape(layers=2, kv_heads=1, block_size=4, head_dim=2, dtype=torch.float32)
 BB = SHAPE.block_bytes
@@ -33,6 +34,17 @@ def expected_layers(hashes):
     n = len(hashes)
     seq = kv.permute(1, 2, 3, 0, 4, 5).reshape(SHAPE.layers, 2, SHAPE.kv_heads, n * SHAPE.block_size, SHAPE.head_dim)
     return [(seq[layer, 0].unsqueeze(0), seq[layer, 1].unsqueeze(0)) for layer in range(SHAPE.layers)]
+
+
+def add_path(tree, tokens, tier=DEVICE, slot0=0, salt=None):
+    """Inserts the blocks of `tokens` into a bare PrefixTree (no pools), slots numbered from `slot0`."""
+    hashes, blocks = chain(tokens, salt)
+    parent = None
+    for i, (h, b) in enumerate(zip(hashes, blocks)):
+        if h not in tree:
+            tree.insert(parent, h, b, tier, slot0 + i)
+        parent = h
+    return hashes, blocks
 
 
 def serve(store, tokens, salt=None):

@@ -3,8 +3,7 @@
 from cache_store import DEVICE, HOST, PrefixTree
 from cache_store.policy import BoundedSLRU, SegmentedLRU
 
-from .helpers import chain, make_store, serve
-from .test_tree import add_path
+from .helpers import add_path, chain, make_store, serve
 
 
 def test_reuse_protects_and_the_limit_demotes_the_oldest():

@@ -6,8 +6,7 @@ The holder counts come from a real index (embedded Valkey) in one batched read, 
 from cache_store import DEVICE, LRU, MetadataIndex, PrefixTree
 from cache_store.policy import DuplicatesFirst
 
-from .helpers import chain, make_store, serve
-from .test_tree import add_path
+from .helpers import add_path, chain, make_store, serve
 
 
 def test_a_copy_goes_before_an_older_sole_block():

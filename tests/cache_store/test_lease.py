@@ -3,6 +3,7 @@
 import time
 
 from cache_store import CacheConfig, LeaseKeeper, MetadataIndex
+from tests.polling import wait_for
 
 from .helpers import chain, make_store, serve
 
@@ -22,13 +23,14 @@ def held(index, tokens):
     return {x.worker_id: x.blocks for x in index.holders(h)}
 
 
-def wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+def beat_until_reconnected(keeper, store=None) -> None:
+    """Heartbeats until the keeper is back on Redis (and, given its store, has re-published it)."""
+
+    def back():
+        keeper.beat()
+        return keeper.connected and not (store is not None and store.needs_resync)
+
+    wait_for(back, "the keeper to reconnect" + (" and resync" if store is not None else ""), timeout=5.0, every=0.05)
 
 
 def test_store_publishes_every_change(redis_server):
@@ -56,7 +58,7 @@ def test_outage_then_empty_restart_republishes(redis_server):
     keeper.beat()
     assert not keeper.connected and store.needs_resync
     redis_server.start()
-    assert wait_for(lambda: (keeper.beat(), keeper.connected)[1])
+    beat_until_reconnected(keeper)
     assert held(index, a) == {"w1": 2} and held(index, b) == {"w1": 2}
     # The counter of the outage arrived once; the one flushed before died with the old data.
     assert index.counters(["w1"])["w1"]["requests"] == 1
@@ -71,7 +73,7 @@ def test_restart_with_stale_data_is_reconciled(redis_server):
     keeper.beat()
     redis_server.start()
     time.sleep(FAST["lease_ttl_s"])  # the saved lease expires meanwhile
-    assert wait_for(lambda: (keeper.beat(), keeper.connected and not store.needs_resync)[1])
+    beat_until_reconnected(keeper, store)
     assert held(index, a) == {}
     assert held(index, b) == {"w1": 2}
 
@@ -85,7 +87,7 @@ def test_counters_survive_an_outage_exactly_once(redis_server):
     keeper.beat()
     keeper.beat()
     redis_server.start()
-    assert wait_for(lambda: (keeper.beat(), keeper.connected)[1])
+    beat_until_reconnected(keeper)
     keeper.beat()
     assert index.counters(["w1"])["w1"]["requests"] == 5
 

@@ -1,33 +1,18 @@
 import pytest
 
-from cache_store.hashing import block_chain, root_hash, token_blocks
 from cache_store.policy import LFU, LRU, Priority
 from cache_store.tree import DEVICE, HOST, PrefixTree
 
-BS = 4
-
-
-def chain_of(tokens, salt=None):
-    return block_chain(root_hash("m", salt), tokens, BS), token_blocks(tokens, BS)
-
-
-def add_path(tree, tokens, tier=DEVICE, slot0=0, salt=None):
-    hashes, blocks = chain_of(tokens, salt)
-    parent = None
-    for i, (h, b) in enumerate(zip(hashes, blocks)):
-        if h not in tree:
-            tree.insert(parent, h, b, tier, slot0 + i)
-        parent = h
-    return hashes, blocks
+from .helpers import add_path, chain
 
 
 def test_match_longest_prefix_and_verifies_tokens():
     tree = PrefixTree(LRU())
     hashes, blocks = add_path(tree, list(range(12)))
     assert [r.hash for r in tree.match(hashes, blocks)] == hashes
-    other, oblocks = chain_of(list(range(8)) + [99, 98, 97, 96])
+    other, oblocks = chain(list(range(8)) + [99, 98, 97, 96])
     assert len(tree.match(other, oblocks)) == 2
-    assert tree.match(*chain_of([5] * 12)) == []
+    assert tree.match(*chain([5] * 12)) == []
 
 
 def test_hash_collision_is_a_miss_not_wrong_kv():
@@ -50,7 +35,7 @@ def test_duplicate_insert_rejected_and_device_child_needs_device_parent():
     hashes, blocks = add_path(tree, list(range(8)), tier=HOST)
     with pytest.raises(KeyError):
         tree.insert(None, hashes[0], blocks[0], DEVICE, 9)
-    h3, b3 = chain_of(list(range(12)))
+    h3, b3 = chain(list(range(12)))
     with pytest.raises(ValueError, match="parent must be on device"):
         tree.insert(hashes[1], h3[2], b3[2], DEVICE, 5)
 

@@ -1,6 +1,13 @@
 """`prefixcache bench` rewrites BENCHMARKS.md but keeps the sections other benchmark commands wrote."""
 
-from cluster.bench.report import KEEP, kept_sections
+import json
+from pathlib import Path
+
+from cluster.bench.report import KEEP, kept_sections, write
+
+from .helpers import SUITE_HEADINGS
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench-results.json"  # the last full suite run
 
 
 def test_sections_after_the_marker_survive_a_rewrite(tmp_path):
@@ -10,3 +17,16 @@ def test_sections_after_the_marker_survive_a_rewrite(tmp_path):
     assert kept_sections(path) == ""
     path.write_text(f"# old suite output\n{KEEP}\n## Cluster scale\nnumbers\n")
     assert kept_sections(path) == f"\n{KEEP}\n## Cluster scale\nnumbers\n"
+
+
+def test_write_replaces_the_suite_part_and_keeps_the_rest(tmp_path):
+    kept = f"\n{KEEP}\n## Cluster scale\nnumbers\n"
+    (tmp_path / "BENCHMARKS.md").write_text("# old suite output\n" + kept)
+    write(json.loads(RESULTS.read_text()), tmp_path)
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert text.startswith("# Benchmarks\n") and "old suite output" not in text
+    assert text.endswith(kept) and text.count(KEEP) == 1
+    headings = [line for line in text.split(KEEP)[0].splitlines() if line.startswith("## ")]
+    assert tuple(h.split(" (")[0] for h in headings) == SUITE_HEADINGS
+    for plot in ("ttft_cdf.png", "speedup_vs_prefix.png", "hit_rate_vs_workers.png"):
+        assert f"](bench-plots/{plot})" in text and (tmp_path / "bench-plots" / plot).stat().st_size > 5000

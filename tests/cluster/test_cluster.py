@@ -12,6 +12,8 @@ from cluster import Cluster
 from cluster.cli import main as cli
 from worker.request import Request
 
+from .helpers import cancelled_on_workers, wait_cancelled
+
 SMALL = dict(device_cache_gb=0.05, host_cache_gb=0.05)
 BS = CacheConfig.block_size  # what a service caches in unless told otherwise
 
@@ -143,20 +145,9 @@ def test_stream_through_the_router_and_a_dropped_stream_frees_its_blocks(cluster
     assert len(chunks) > 3  # pieces arrived one by one, not as one block at the end
     assert result.cached_tokens > 0  # the first call cached the prompt
 
-    stats = lambda: cluster.stats()["workers"]  # noqa: E731
-    before = sum(w["counters"].get("cancelled_requests", 0) for w in stats().values())
+    before = cancelled_on_workers(cluster)
     it = cluster.stream(prompt + " A long answer, please.", max_new_tokens=2000)
     next(it)
     it.close()  # the client went away: the worker cancels the request
-    import time
-
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        workers = stats()
-        cancelled = sum(w["counters"].get("cancelled_requests", 0) for w in workers.values())
-        if cancelled > before and all(w["device_tier"]["pinned"] == 0 for w in workers.values()):
-            break
-        time.sleep(0.2)
-    assert cancelled == before + 1, "the dropped stream was not cancelled on its worker"
-    assert all(w["device_tier"]["pinned"] == 0 for w in workers.values())
+    wait_cancelled(cluster, before + 1)
     assert cluster.generate(["still serving"], max_new_tokens=2)[0].ok

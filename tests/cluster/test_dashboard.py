@@ -20,6 +20,7 @@ from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.dashboard.server import DashboardServer
 from cluster.router import tenant_label
+from tests.polling import wait_for
 
 from . import chromium
 
@@ -34,16 +35,6 @@ def get(url, token=None):
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
-
-
-def wait_for(cond, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +59,7 @@ def stats_when_flushed(dash, n_requests):
             else None
         )
 
-    return wait_for(ready)
+    return wait_for(ready, f"the stats to count {n_requests} routed requests", every=0.5)
 
 
 def test_api_stats_match_the_requests_sent(live):
@@ -129,7 +120,7 @@ def test_workers_also_report_through_ray_metrics(live, ray_local):
         ]
         return sum(float(x.rsplit(" ", 1)[1]) for x in lines) == 6 and len(lines) == 2
 
-    wait_for(exported, timeout=60)  # Ray exports every few seconds
+    wait_for(exported, "Ray's export of both workers' request counts (every few seconds)", timeout=60, every=0.5)
 
 
 def test_grafana_dashboard_uses_only_metrics_we_export(live):
@@ -170,7 +161,12 @@ class _Cells(HTMLParser):
 @pytest.mark.skipif(chromium.binary() is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_page_in_a_real_browser(live, tmp_path):
     c, dash, _ = live
-    wait_for(lambda: len(stats_when_flushed(dash, 6)["history_cumulative"]) >= 2, timeout=40)
+    wait_for(
+        lambda: len(stats_when_flushed(dash, 6)["history_cumulative"]) >= 2,
+        "two points of history",
+        timeout=40,
+        every=0.5,
+    )
     s = json.loads(get(dash.url + "api/stats")[1])
     page = _Cells()
     page.feed(chromium.dom(dash.url))

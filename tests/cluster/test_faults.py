@@ -17,21 +17,12 @@ from cache_store import CacheConfig, EmbeddedRedis, MetadataIndex, block_chain, 
 from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.dashboard.server import DashboardServer
+from tests.polling import wait_for
 from worker.actor import NAMESPACE, worker_actor_name
 
 from .reference import greedy
 
 FAST = dict(lease_ttl_s=3.0, heartbeat_s=0.5, device_cache_gb=0.05, host_cache_gb=0.05)
-
-
-def wait_for(cond, timeout=30.0, every=0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(every)
-    return None
 
 
 def test_sigkilled_worker_requests_are_retried_elsewhere(ray_local):
@@ -56,7 +47,12 @@ def test_sigkilled_worker_requests_are_retried_elsewhere(ray_local):
             os.kill(pid, signal.SIGKILL)
             killed_at = time.monotonic()
             # Its index entries stop counting within the lease TTL (nobody cleans them up).
-            assert wait_for(lambda: victim not in {h.worker_id for h in index.holders(chain)}, timeout=10, every=0.05)
+            wait_for(
+                lambda: victim not in {h.worker_id for h in index.holders(chain)},
+                "the dead worker's index entries to lapse",
+                timeout=10,
+                every=0.05,
+            )
             gone_s = time.monotonic() - killed_at
             thread.join(timeout=180)
             assert len(results) == 10 and all(r.ok for r in results), [r.error for r in results]
@@ -106,13 +102,16 @@ def test_redis_outage_degrades_then_recovers(ray_local, keeps_data):
             back = time.monotonic()
             index = MetadataIndex(redis_srv.url, CacheConfig(service="t-redis"))
             chain = block_chain(root_hash(c.config["fingerprint"], None), list(system.encode()), 16)
-            assert wait_for(lambda: index.holders(chain), timeout=20), "workers did not re-publish"
+            wait_for(lambda: index.holders(chain), "the workers to re-publish", timeout=20)
             print(
                 f"\nRedis down ({'kept' if keeps_data else 'lost'} its data): 4 requests served in {outage_s:.2f}s "
                 f"from local caches ({sum(r.cached_tokens > 0 for r in during)} hits); index re-published "
                 f"{time.monotonic() - back:.1f}s after Redis returned"
             )
-            assert wait_for(lambda: c.generate([system + "back"], max_new_tokens=1)[0].extra["placement"] == "cache")
+            wait_for(
+                lambda: c.generate([system + "back"], max_new_tokens=1)[0].extra["placement"] == "cache",
+                "the router to place by cache again",
+            )
             assert c.stats()["index_available"]
             assert all(r.token_ids == greedy(system + f"q{i}", 4) for i, r in enumerate(during, start=2))
             assert cold.token_ids == greedy(system + "q0", 4)
@@ -134,12 +133,12 @@ def test_restarted_worker_does_not_resurrect_its_old_entries(ray_local):
             chain = block_chain(root_hash(c.config["fingerprint"], None), list(system.encode()), 16)
             assert r.worker_id in {h.worker_id for h in index.holders(chain)}
             os.kill(before["pid"], signal.SIGKILL)
-            after = wait_for(lambda: _health(handle, before["pid"]), timeout=60)  # Ray restarts it, same id
+            after = wait_for(lambda: _health(handle, before["pid"]), "Ray to restart it under the same id", timeout=60)
             assert after["generation"] == before["generation"] + 1
             assert r.worker_id not in {h.worker_id for h in index.holders(chain)}  # old entries purged
             assert index.leases()[r.worker_id].generation == after["generation"]
             # back in rotation once the router's health check sees it
-            assert wait_for(lambda: r.worker_id in c.config_now()["alive"], timeout=30)
+            wait_for(lambda: r.worker_id in c.config_now()["alive"], "the router to see it alive", timeout=30)
         finally:
             c.shutdown()
 

@@ -10,7 +10,6 @@ import http.client
 import json
 import re
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -20,6 +19,8 @@ import pytest
 
 from cache_store.embedded import free_port
 from cluster import Cluster
+
+from .helpers import cancelled_on_workers, wait_cancelled
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 GEOGRAPHY = (
@@ -132,23 +133,6 @@ def test_stop_seed_and_concurrent_requests(client):
     with ThreadPoolExecutor(6) as pool:
         answers = list(pool.map(lambda q: chat(client, q, max_tokens=6), questions))
     assert all(x.choices[0].message.content for x in answers)
-
-
-def cancelled_on_workers(svc) -> int:
-    return sum(w["counters"].get("cancelled_requests", 0) for w in svc.stats()["workers"].values())
-
-
-def wait_cancelled(svc, expected: int) -> None:
-    """The worker cancelled the request and unpinned its blocks (what a disconnect must lead to)."""
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        ws = svc.stats()["workers"]
-        cancelled = sum(w["counters"].get("cancelled_requests", 0) for w in ws.values())
-        if cancelled >= expected and all(w["device_tier"]["pinned"] == 0 for w in ws.values()):
-            break
-        time.sleep(0.3)
-    assert cancelled == expected, "the disconnected request was not cancelled on its worker"
-    assert all(w["device_tier"]["pinned"] == 0 for w in ws.values())  # its blocks are free
 
 
 def test_a_streaming_client_that_disconnects_cancels_its_request(svc, client):

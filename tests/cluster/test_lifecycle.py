@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from cache_store.embedded import free_port
+from tests.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 NATIVE_CRASH = ("Aborted", "Fatal Python error", "*** SIG", "Stack trace", "core dumped", "Traceback")
@@ -72,12 +73,14 @@ def terminate_and_check(proc: subprocess.Popen, lines: list[str], timeout: float
         rest, _ = proc.communicate()
         raise AssertionError(f"no exit {timeout}s after SIGTERM:\n{(''.join(lines) + rest)[-4000:]}") from None
     output = "".join(lines) + rest
-    deadline = time.monotonic() + 15
-    while (left := session_members(sid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for p in left:  # stop what this test started before failing on it
-        p.kill()
-    assert not left, f"left running after SIGTERM: {[' '.join(p.cmdline())[:80] for p in left]}"
+    try:
+        wait_for(lambda: not session_members(sid), "every process of its session to exit", timeout=15, every=0.5)
+    except AssertionError:
+        left = session_members(sid)
+        names = [" ".join(p.cmdline())[:80] for p in left]
+        for p in left:  # stop what this test started before failing on it
+            p.kill()
+        raise AssertionError(f"left running after SIGTERM: {names}") from None
     assert proc.returncode == 0, output[-4000:]
     assert not any(w in output for w in NATIVE_CRASH), output[-4000:]
     return output
@@ -86,7 +89,13 @@ def terminate_and_check(proc: subprocess.Popen, lines: list[str], timeout: float
 def open_stream(port: int):
     """A streamed chat on the running demo, read up to its first piece of text."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 300, "stream": True}
+    body = {
+        "model": "demo",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 300,
+        "temperature": 0,  # greedy: a sampled end of text would finish it early, not at max_tokens
+        "stream": True,
+    }
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 200

@@ -53,8 +53,23 @@ def local_cluster():
     assert not Path(state).exists()
 
 
+SYSTEM = "You are the remote assistant of the rehearsal cluster. " * 10
+
+
 def test_cluster_commands_end_to_end(local_cluster, tmp_path):
+    """The commands in the order an operator runs them: each step relies on what the previous ones
+    left (the service, the cached prompts, the request count)."""
     env = local_cluster
+    start_two_workers(env)
+    batch = write_batch(tmp_path / "batch.jsonl")
+    records = submit_through_ray_client(env, batch, tmp_path / "client.jsonl")
+    by_id = {r["id"]: r for r in records if r["id"]}
+    submit_as_ray_job(env, batch, by_id)
+    connect_from_python(env, by_id["r0"]["token_ids"])
+    status_then_stop(env)
+
+
+def start_two_workers(env) -> None:
     started = run(
         env,
         "prefixcache",
@@ -75,12 +90,15 @@ def test_cluster_commands_end_to_end(local_cluster, tmp_path):
     assert len(nodes) == 2, started.stdout  # one worker per worker node (the head has 1 CPU)
     assert env["PREFIXCACHE_REDIS_URL"].split("@")[0].split(":")[-1] not in started.stdout  # password not printed
 
-    system = "You are the remote assistant of the rehearsal cluster. " * 10
-    batch = tmp_path / "batch.jsonl"
-    lines = [json.dumps({"prompt": system + f"Question {i}?", "max_new_tokens": 6, "id": f"r{i}"}) for i in range(8)]
-    batch.write_text("\n".join(lines[:4] + ["{broken"] + lines[4:]) + "\n")
 
-    out = tmp_path / "client.jsonl"
+def write_batch(path: Path) -> Path:
+    """8 requests sharing one system prompt, and a broken line 5 between them."""
+    lines = [json.dumps({"prompt": SYSTEM + f"Question {i}?", "max_new_tokens": 6, "id": f"r{i}"}) for i in range(8)]
+    path.write_text("\n".join(lines[:4] + ["{broken"] + lines[4:]) + "\n")
+    return path
+
+
+def submit_through_ray_client(env, batch: Path, out: Path) -> list[dict]:
     p = run(
         env,
         "prefixcache",
@@ -99,34 +117,34 @@ def test_cluster_commands_end_to_end(local_cluster, tmp_path):
     assert "line 5: invalid JSON" in records[4]["error"]
     good = [r for r in records if r["error"] is None]
     assert len(good) == 8 and sum(r["cached_tokens"] > 0 for r in good) >= 5
+    return records
 
-    jobs_out = tmp_path / "jobs.jsonl"
-    p = run(
-        env,
-        "prefixcache",
-        "submit",
-        str(batch),
-        "--jobs",
-        env["PREFIXCACHE_JOBS"],
-        "--out",
-        str(jobs_out),
-        check=False,
-        timeout=400,
-    )
+
+# The CLI in-process, then a line to stdout: that line is missing if the command closed stdout.
+AFTER_MAIN = "import sys; from cluster.cli import main; rc = main(sys.argv[1:]); print('exit', rc); sys.exit(rc)"
+
+
+def submit_as_ray_job(env, batch: Path, by_id: dict[str, dict]) -> None:
+    """The same batch as a Ray Job, results to stdout: the same answers, now from the cache."""
+    cmd = [sys.executable, "-c", AFTER_MAIN, "submit", str(batch), "--jobs", env["PREFIXCACHE_JOBS"], "--out", "-"]
+    p = run(env, *cmd, check=False, timeout=400)
     assert p.returncode == 1 and "Ray Job" in p.stderr, p.stderr
-    job_records = [json.loads(x) for x in jobs_out.read_text().splitlines()]
+    *results, last = p.stdout.splitlines()
+    assert last == "exit 1", p.stdout[-2000:]
+    job_records = [json.loads(x) for x in results]
     assert len(job_records) == 9
-    by_id = {r["id"]: r for r in records if r["id"]}
     for r in job_records:
         if r["error"] is None:
             assert r["token_ids"] == by_id[r["id"]]["token_ids"]  # same answers, now from cache
             assert r["cached_tokens"] > 0
 
+
+def connect_from_python(env, r0_tokens: list[int]) -> None:
     script = (
         "import json, sys\n"
         "from cluster import Cluster\n"
         f"c = Cluster.connect({env['PREFIXCACHE_CLIENT']!r})\n"
-        f"[r] = c.generate([{system!r} + 'Question 0?'], max_new_tokens=6)\n"
+        f"[r] = c.generate([{SYSTEM!r} + 'Question 0?'], max_new_tokens=6)\n"
         "s = c.stats()\n"
         "print(json.dumps({'tokens': list(r.token_ids), 'cached': r.cached_tokens, 'url': c.redis_url,"
         " 'requests': s['totals']['requests']}))\n"
@@ -134,10 +152,12 @@ def test_cluster_commands_end_to_end(local_cluster, tmp_path):
     )
     p = run(env, sys.executable, "-c", script)
     got = json.loads(p.stdout.strip().splitlines()[-1])
-    assert got["tokens"] == by_id["r0"]["token_ids"] and got["cached"] > 0
+    assert got["tokens"] == r0_tokens and got["cached"] > 0
     assert got["url"] == env["PREFIXCACHE_REDIS_URL"]
-    assert got["requests"] >= 17
+    assert got["requests"] >= 17  # both batches' 16 requests and this one
 
+
+def status_then_stop(env) -> None:
     status = run(env, "prefixcache", "status", "--address", env["PREFIXCACHE_CLIENT"])
     assert "hit rate" in status.stdout and "worker-1" in status.stdout
     assert status.stdout.count("ms/token") == 2 and "fetching pays from" in status.stdout, status.stdout

@@ -1,4 +1,5 @@
-"""Plain-transformers references the exactness tests compare the engine against."""
+"""Plain-transformers references the exactness tests compare the engine against, and the checks
+that compare them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import random
 
 import torch
 
+from worker.engine import Engine
+from worker.request import Request
+
 ATOL = 1e-4  # float32 last-position logits, cached or batched vs plain
+N_NEW = 6  # tokens generated per checked run
 
 
 def rand_ids(n, seed):
@@ -15,9 +20,51 @@ def rand_ids(n, seed):
 
 
 @torch.no_grad()
-def reference(engine, ids, n_new=6):
+def reference(engine, ids, n_new=N_NEW):
     """Plain transformers: generate() with no cache reuse, and a full forward for the logits."""
     x = torch.tensor([ids])
     out = engine.model.generate(x, max_new_tokens=n_new, do_sample=False, pad_token_id=258)
     logits = engine.model(x).logits[0, -1].float()
     return tuple(out[0, len(ids) :].tolist()), logits
+
+
+class PrefillCounter:
+    """Counts the tokens each forward pass feeds the model (a hook on the real embedding layer)."""
+
+    def __init__(self, engine: Engine):
+        self.calls: list[int] = []
+        emb = engine.model.get_input_embeddings()
+        self._h = emb.register_forward_hook(lambda m, inp, out: self.calls.append(inp[0].shape[-1]))
+
+    def close(self):
+        self._h.remove()
+
+
+def check_logits(engine, ids, expected_cached, cache_salt=None):
+    """Last-position logits through the cached path equal a plain full forward's (float32, 1e-4)."""
+    _, ref_logits = reference(engine, ids, n_new=1)
+    logits, by_tier = engine.prefill_logits(ids, cache_salt)
+    assert sum(by_tier.values()) == expected_cached
+    assert torch.allclose(logits, ref_logits, atol=ATOL, rtol=0), (logits - ref_logits).abs().max()
+    return by_tier
+
+
+def check_run(engine, ids, expected_cached, **req):
+    """Greedy tokens equal plain generate(); cached_tokens equals the tokens the model skipped."""
+    ref_tokens, _ = reference(engine, ids)
+    counter = PrefillCounter(engine)
+    try:
+        r = engine.run(Request(ids, max_new_tokens=N_NEW, **req))
+    finally:
+        counter.close()
+    assert r.ok, r.error
+    assert r.token_ids == ref_tokens
+    assert r.cached_tokens == expected_cached
+    assert counter.calls[0] == len(ids) - r.cached_tokens  # the prefill really skipped them
+    return r
+
+
+def check(engine, ids, expected_cached, **req):
+    """Both: the logits check, then the greedy run."""
+    check_logits(engine, ids, expected_cached, req.get("cache_salt"))
+    return check_run(engine, ids, expected_cached, **req)

@@ -16,10 +16,9 @@ from worker.engine import Engine
 from worker.models import load_model
 from worker.request import Request
 
-from .reference import ATOL, rand_ids, reference
+from .reference import check, check_logits, check_run, rand_ids
 
 MODELS = ["demo", "llama", "qwen2", "mistral", "gemma"]
-N_NEW = 6
 
 
 def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_size=None) -> Engine:
@@ -30,47 +29,6 @@ def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_si
     block_bytes = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
     cfg = CacheConfig(block_size=bs, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
     return Engine(loaded, cfg, device=torch.device("cpu"))
-
-
-class PrefillCounter:
-    """Counts the tokens each forward pass feeds the model (a hook on the real embedding layer)."""
-
-    def __init__(self, engine: Engine):
-        self.calls: list[int] = []
-        emb = engine.model.get_input_embeddings()
-        self._h = emb.register_forward_hook(lambda m, inp, out: self.calls.append(inp[0].shape[-1]))
-
-    def close(self):
-        self._h.remove()
-
-
-def check_logits(engine, ids, expected_cached, cache_salt=None):
-    """Last-position logits through the cached path equal a plain full forward's (float32, 1e-4)."""
-    _, ref_logits = reference(engine, ids, n_new=1)
-    logits, by_tier = engine.prefill_logits(ids, cache_salt)
-    assert sum(by_tier.values()) == expected_cached
-    assert torch.allclose(logits, ref_logits, atol=ATOL, rtol=0), (logits - ref_logits).abs().max()
-    return by_tier
-
-
-def check_run(engine, ids, expected_cached, **req):
-    """Greedy tokens equal plain generate(); cached_tokens equals the tokens the model skipped."""
-    ref_tokens, _ = reference(engine, ids)
-    counter = PrefillCounter(engine)
-    try:
-        r = engine.run(Request(ids, max_new_tokens=N_NEW, **req))
-    finally:
-        counter.close()
-    assert r.ok, r.error
-    assert r.token_ids == ref_tokens
-    assert r.cached_tokens == expected_cached
-    assert counter.calls[0] == len(ids) - r.cached_tokens  # the prefill really skipped them
-    return r
-
-
-def check(engine, ids, expected_cached, **req):
-    check_logits(engine, ids, expected_cached, req.get("cache_salt"))
-    return check_run(engine, ids, expected_cached, **req)
 
 
 @pytest.mark.parametrize("name", MODELS)

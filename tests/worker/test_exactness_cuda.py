@@ -15,9 +15,7 @@ from worker.engine import Engine
 from worker.models import load_model
 from worker.request import Request
 
-from .reference import ATOL, rand_ids
-
-N_NEW = 6
+from .reference import ATOL, N_NEW, rand_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

@@ -12,7 +12,7 @@ import pytest
 from worker.engine import Engine
 from worker.models import load_tokenizer, model_path
 
-from .test_exactness import check
+from .reference import check
 
 GEOGRAPHY = "You are a geography expert. Answer in one short sentence."
 
