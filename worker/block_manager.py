@@ -33,9 +33,7 @@ class BlockManager:
         hold = EMPTY_HOLD
         if seq.use_cache:
             hold = self.store.acquire(hashes, token_blocks(tokens, bs), device_only=True)
-        if seq.peer_hold is not None:
-            self.store.release(seq.peer_hold)
-            seq.peer_hold = None
+        self.drop_peer_hold(seq)
         n_cached = min(len(hold) * bs, len(tokens) - 1)
         seq.pinned = hold.hashes
         seq.table = [b.slot for b in hold.blocks]
@@ -45,6 +43,15 @@ class BlockManager:
             n_cached = (len(hold) - 1) * bs
         seq.kv_len = n_cached
         return hold.device_hits
+
+    def drop_peer_hold(self, seq: Sequence) -> bool:
+        """Unpin the blocks a waiting request fetched from a peer (they stay cached, evictable);
+        True if it held any."""
+        if seq.peer_hold is None:
+            return False
+        self.store.release(seq.peer_hold)
+        seq.peer_hold = None
+        return True
 
     def _copy_on_write(self, seq: Sequence, i: int) -> bool:
         """Give block i a private copy (its tail will be rewritten); False if no slot is free:
@@ -107,7 +114,5 @@ class BlockManager:
         own = [slot for slot, w in zip(seq.table, seq.working) if w]
         if own:
             self.store.free_working(own)
-        if seq.peer_hold is not None:
-            self.store.release(seq.peer_hold)
-            seq.peer_hold = None
+        self.drop_peer_hold(seq)
         seq.pinned, seq.table, seq.working, seq.hashes = [], [], [], []

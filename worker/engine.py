@@ -504,10 +504,14 @@ class Engine:
             self._finish(seq, "cancelled", released=True)
 
     def _unblock(self) -> bool:
-        """Nothing could be scheduled. If requests wait while none runs, the first cannot fit the
-        device pool at all: fail it with what to change rather than wait forever."""
+        """Nothing could be scheduled. If requests wait while none runs, what fills the device pool
+        may be blocks that waiting requests fetched from peers (pinned until their admission): let
+        them go, they stay cached. Otherwise the first request cannot fit the device pool at all:
+        fail it with what to change rather than wait forever."""
         if not self.scheduler.waiting or self.scheduler.running:
             return False
+        if any([self.blocks.drop_peer_hold(seq) for seq in self.scheduler.waiting]):
+            return True
         seq = self.scheduler.waiting[0]
         need = self.blocks.blocks_needed(seq, seq.to_feed) + 1
         self._fail(

@@ -151,6 +151,32 @@ def test_host_tier_and_peer_sources_inside_a_batch(tiny_dirs):
     assert_nothing_held(b)
 
 
+def test_blocks_fetched_for_waiting_requests_never_starve_the_first(tiny_dirs):
+    """Peer-fetched blocks stay pinned until their request is admitted. When those of the requests
+    behind fill the pool so that the first cannot start, they are let go (still cached) and every
+    request is served, none failed for want of blocks."""
+    a = engine_for("demo", tiny_dirs)
+    b = engine_for("demo", tiny_dirs, device_blocks=14, host_blocks=0)
+    prefixes = [rand_ids(64, seed=340 + k) for k in range(3)]  # 4 blocks each
+    submit_all(a, prefixes)
+    from worker.engine import PeerHint
+
+    b.peer_fetcher = lambda worker, hashes: a.export_blocks(hashes)
+    b.costs = b.costs.with_transfer(0.0, 0.0)
+    # 3 x 4 fetched blocks pinned in a pool of 14; the first request needs 3 more blocks than its own 4
+    seqs = [
+        b.submit(Request(p + rand_ids(40, seed=350 + i), max_new_tokens=6), hint=PeerHint("a", 4), capture_logits=True)
+        for i, p in enumerate(prefixes)
+    ]
+    assert b.store.stats().device.pinned == 12
+    for s in seqs:
+        b.wait(s)
+    assert all(s.result.ok for s in seqs), [s.result.error for s in seqs]
+    assert seqs[0].result.cached_peer_tokens == 64
+    assert_exact(b, seqs)
+    assert_nothing_held(b)
+
+
 def test_a_concurrent_request_hits_the_prefix_being_computed(tiny_dirs):
     engine = engine_for("demo", tiny_dirs, max_batch_tokens=32)
     system = rand_ids(160, seed=400)
