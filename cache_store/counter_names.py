@@ -113,3 +113,22 @@ SUMMED = (
     "audit_checked",
     "audit_mismatches",
 )
+
+
+class LeaseField:
+    """Fields of a worker's lease hash that the dashboard reads: the worker writes them (its engine's
+    info and gauges, its actor's queue), the dashboard parses them; neither spells them itself."""
+
+    DEVICE = "device"
+    BLOCK_BYTES = "block_bytes"
+    PREFILL_US_PER_TOKEN = "prefill_us_per_token"
+    QUEUE = "queue"  # requests on the worker now
+    SERVED = "served"  # requests it finished
+
+    @staticmethod
+    def blocks(tier: str) -> str:
+        return f"{tier}_blocks"
+
+    @staticmethod
+    def capacity(tier: str) -> str:
+        return f"{tier}_capacity"

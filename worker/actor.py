@@ -27,6 +27,7 @@ import ray
 import torch
 
 from cache_store import BlockHash, CacheConfig, Exported, MetadataIndex
+from cache_store.counter_names import LeaseField
 from worker.config import EngineConfig
 from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model, resolve_dtype
@@ -219,7 +220,7 @@ class WorkerService:
     def _gauges(self) -> dict[str, Any]:
         g = self.engine.gauges()
         self.metrics.gauges(g, self._inflight)
-        return {**g, "queue": self._inflight, "served": self._served}
+        return {**g, LeaseField.QUEUE: self._inflight, LeaseField.SERVED: self._served}
 
     def _peer(self, peer_id: str):
         if peer_id not in self._peers:

@@ -50,8 +50,9 @@ from cache_store import (
     time_promotion,
     token_blocks,
 )
-from cache_store.counter_names import worker_request_counts
+from cache_store.counter_names import LeaseField, worker_request_counts
 from cache_store.hashing import BlockHash
+from cache_store.tree import DEVICE, HOST
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
@@ -392,24 +393,24 @@ class Engine:
             "model": self.loaded.name,
             "fingerprint": self.fingerprint,
             "block_size": self.block_size,
-            "device": str(self.device),
+            LeaseField.DEVICE: str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
-            "block_bytes": self.store.shape.block_bytes,
+            LeaseField.BLOCK_BYTES: self.store.shape.block_bytes,
             "max_context": self.loaded.max_context,
             "vocab_size": self.loaded.vocab_size,
             "max_running": self.config.max_running,
             "max_batch_tokens": self.config.max_batch_tokens,
-            "prefill_us_per_token": round(self.costs.prefill_s_per_token * 1e6, 3),
+            LeaseField.PREFILL_US_PER_TOKEN: round(self.costs.prefill_s_per_token * 1e6, 3),
         }
 
     def gauges(self) -> dict[str, object]:
         s = self.store.stats()
         return {
-            "device_blocks": s.device.blocks,
-            "device_capacity": s.device.capacity,
+            LeaseField.blocks(DEVICE): s.device.blocks,
+            LeaseField.capacity(DEVICE): s.device.capacity,
             "working_blocks": self.store.working_blocks,
-            "host_blocks": s.host.blocks,
-            "host_capacity": s.host.capacity,
+            LeaseField.blocks(HOST): s.host.blocks,
+            LeaseField.capacity(HOST): s.host.capacity,
             "pinned_blocks": s.device.pinned + s.host.pinned,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + len(self._inbox),

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 from ray.util.metrics import Counter, Gauge
 
+from cache_store.counter_names import LeaseField
+from cache_store.tree import DEVICE, HOST
 from worker.request import Result
 
 
@@ -41,5 +43,5 @@ class RayMetrics:
 
     def gauges(self, g: Mapping[str, object], queue: int) -> None:
         self.queue.set(queue, tags=self.tags)
-        for tier in ("device", "host"):
-            self.blocks.set(float(g.get(f"{tier}_blocks", 0)), tags={**self.tags, "tier": tier})
+        for tier in (DEVICE, HOST):
+            self.blocks.set(float(g.get(LeaseField.blocks(tier), 0)), tags={**self.tags, "tier": tier})

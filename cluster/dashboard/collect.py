@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from cache_store import MetadataIndex
-from cache_store.counter_names import MISS_REASONS, ROUTER, miss_tokens, parse_tenant_counter
+from cache_store.counter_names import MISS_REASONS, ROUTER, LeaseField, miss_tokens, parse_tenant_counter
 from cache_store.index import Lease, entry_generation
+from cache_store.tree import DEVICE, HOST
 from cluster.history import window_rates
 from cluster.stats import ratio, summarize
 
@@ -59,16 +60,16 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
 def _worker_row(worker_id: str, lease: Lease | None, c: Mapping[str, Any], now: float) -> dict[str, Any]:
     """One worker: liveness and gauges from its lease (none once it died), totals from its counters."""
     fields = lease.fields if lease else {}
-    us_per_token = float(fields.get("prefill_us_per_token", 0) or 0)
-    block_bytes = int(fields.get("block_bytes", 0) or 0)
+    us_per_token = float(fields.get(LeaseField.PREFILL_US_PER_TOKEN, 0) or 0)
+    block_bytes = int(fields.get(LeaseField.BLOCK_BYTES, 0) or 0)
     return {
         "worker_id": worker_id,
         "alive": lease is not None,
         "lease_age_s": round(now - float(fields["hb"]), 1) if "hb" in fields else None,
         "generation": lease.generation if lease else None,
-        "device": fields.get("device", ""),
-        "queue": int(fields.get("queue", 0) or 0),
-        "served": int(fields.get("served", 0) or 0),
+        "device": fields.get(LeaseField.DEVICE, ""),
+        "queue": int(fields.get(LeaseField.QUEUE, 0) or 0),
+        "served": int(fields.get(LeaseField.SERVED, 0) or 0),
         "requests": c.get("requests", 0),
         "hit_rate": c.get("hit_rate", 0.0),
         "request_hit_rate": c.get("request_hit_rate", 0.0),
@@ -76,13 +77,13 @@ def _worker_row(worker_id: str, lease: Lease | None, c: Mapping[str, Any], now: 
         "evictions": c.get("evictions", 0),
         "mean_ttft_s": c.get("mean_ttft_s", 0.0),
         "compute_saved_s": c.get("cached_tokens", 0) * us_per_token / 1e6,
-        "tiers": {tier: _tier(fields, tier, block_bytes) for tier in ("device", "host")},
+        "tiers": {tier: _tier(fields, tier, block_bytes) for tier in (DEVICE, HOST)},
     }
 
 
 def _tier(fields: Mapping[str, str], tier: str, block_bytes: int) -> dict[str, int]:
-    blocks = int(fields.get(f"{tier}_blocks", 0) or 0)
-    capacity = int(fields.get(f"{tier}_capacity", 0) or 0)
+    blocks = int(fields.get(LeaseField.blocks(tier), 0) or 0)
+    capacity = int(fields.get(LeaseField.capacity(tier), 0) or 0)
     return {
         "blocks": blocks,
         "capacity": capacity,

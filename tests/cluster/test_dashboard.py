@@ -8,8 +8,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -20,21 +18,13 @@ from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.dashboard.server import DashboardServer
 from cluster.router import tenant_label
+from tests.cluster.helpers import http_get
 from tests.polling import wait_for
 
 from . import chromium
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "Dashboard known-workload prefix!!" * 2  # 66 bytes: 4 full blocks + 2
-
-
-def get(url, token=None):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def live(ray_local):
 
 def stats_when_flushed(dash, n_requests):
     def ready():
-        code, body = get(dash.url + "api/stats")
+        code, body = http_get(dash.url + "api/stats")
         s = json.loads(body)
         return (
             s
@@ -89,7 +79,7 @@ def test_api_stats_match_the_requests_sent(live):
 def test_prometheus_metrics_match(live):
     c, dash, results = live
     stats_when_flushed(dash, 6)
-    code, text = get(dash.url + "metrics")
+    code, text = http_get(dash.url + "metrics")
     assert code == 200
 
     def total(name, **labels):
@@ -114,7 +104,7 @@ def test_prometheus_metrics_match(live):
 
 def test_workers_also_report_through_ray_metrics(live, ray_local):
     def exported():
-        code, text = get(f"http://127.0.0.1:{ray_local.metrics_port}/metrics")
+        code, text = http_get(f"http://127.0.0.1:{ray_local.metrics_port}/metrics")
         lines = [
             x for x in text.splitlines() if x.startswith("ray_prefixcache_requests_total{") and 'service="t-dash"' in x
         ]
@@ -126,7 +116,7 @@ def test_workers_also_report_through_ray_metrics(live, ray_local):
 def test_grafana_dashboard_uses_only_metrics_we_export(live):
     c, dash, _ = live
     stats_when_flushed(dash, 6)
-    _, text = get(dash.url + "metrics")
+    _, text = http_get(dash.url + "metrics")
     exported = set(re.findall(r"^(prefixcache_\w+?)(?:\{| )", text, re.M))
     board = json.loads((ROOT / "deploy" / "grafana" / "prefixcache.json").read_text())
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
@@ -167,7 +157,7 @@ def test_page_in_a_real_browser(live, tmp_path):
         timeout=40,
         every=0.5,
     )
-    s = json.loads(get(dash.url + "api/stats")[1])
+    s = json.loads(http_get(dash.url + "api/stats")[1])
     page = _Cells()
     page.feed(chromium.dom(dash.url))
     assert page.chart.get("data-drawn") == "1" and int(page.chart["data-points"]) >= 2
@@ -188,16 +178,16 @@ def test_empty_and_unreachable_states():
     with EmbeddedRedis() as server:
         dash = DashboardServer(server.url, service="nothing-here", port=free_port(), refresh_s=0.2).start()
         try:
-            code, body = get(dash.url + "api/stats")
+            code, body = http_get(dash.url + "api/stats")
             assert code == 200 and json.loads(body)["workers"] == []
             page = _Cells()
             page.feed(chromium.dom(dash.url, budget_ms=3000))
             assert page.ids["status"] == "no data yet"
             server.kill()
             time.sleep(0.3)
-            code, body = get(dash.url + "api/stats")
+            code, body = http_get(dash.url + "api/stats")
             assert code == 503 and json.loads(body)["index_available"] is False
-            assert "prefixcache_index_up 0.0" in get(dash.url + "metrics")[1]
+            assert "prefixcache_index_up 0.0" in http_get(dash.url + "metrics")[1]
             page = _Cells()
             page.feed(chromium.dom(dash.url, budget_ms=3000))
             assert page.ids["status"] == "index unreachable"
@@ -212,13 +202,13 @@ def test_token_and_bind_address():
         dash = DashboardServer(server.url, port=free_port(), token="s3cret").start()
         try:
             assert dash.address[0] == "127.0.0.1"
-            assert get(dash.url + "api/stats")[0] == 401
-            assert get(dash.url + "metrics")[0] == 401
-            assert get(dash.url + "api/stats", token="wrong")[0] == 401
-            assert get(dash.url + "api/stats", token="s3cret")[0] == 200
-            assert get(dash.url + "api/stats?token=s3cret")[0] == 200
-            assert get(dash.url + "healthz")[0] == 200
-            assert get(dash.url + "../../etc/passwd?token=s3cret")[0] == 404
+            assert http_get(dash.url + "api/stats")[0] == 401
+            assert http_get(dash.url + "metrics")[0] == 401
+            assert http_get(dash.url + "api/stats", token="wrong")[0] == 401
+            assert http_get(dash.url + "api/stats", token="s3cret")[0] == 200
+            assert http_get(dash.url + "api/stats?token=s3cret")[0] == 200
+            assert http_get(dash.url + "healthz")[0] == 200
+            assert http_get(dash.url + "../../etc/passwd?token=s3cret")[0] == 404
         finally:
             dash.stop()
 

@@ -4,21 +4,13 @@ HTTP proxy per cluster, so no other module's service may hold it meanwhile."""
 
 from __future__ import annotations
 
-import json
 import urllib.error
 import urllib.request
 
 import pytest
 
 from cache_store.embedded import free_port
-
-
-def get(url):
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+from tests.cluster.helpers import http_get_json
 
 
 def test_cli_start_serves_http_and_stop_removes_it(ray_local, capsys):
@@ -31,8 +23,10 @@ def test_cli_start_serves_http_and_stop_removes_it(ray_local, capsys):
     out = capsys.readouterr().out
     assert f"OpenAI-compatible API: http://127.0.0.1:{port}/v1" in out and "bound to 127.0.0.1 only" in out
     try:
-        assert get(f"http://127.0.0.1:{port}/health")[0] == 200
-        assert get(f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"] == "demo"  # no keys: open locally
+        assert http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200
+        assert (
+            http_get_json(f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"] == "demo"
+        )  # no keys: open locally
     finally:
         assert cli.main(["stop", *args]) == 0
     with pytest.raises(OSError):

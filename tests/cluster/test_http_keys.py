@@ -3,10 +3,6 @@ once no worker is alive (demo model: these tests are about the service, not the 
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
 import openai
 import pytest
 import ray
@@ -15,6 +11,7 @@ from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.http.keys import KeyFileError, load_keys
 from cluster.service import ServiceError
+from tests.cluster.helpers import http_get_json
 from worker.actor import NAMESPACE, worker_actor_name
 
 KEYS = {"acme": "sk-acme-0123456789abcdef", "globex": "sk-globex-0123456789abcdef"}
@@ -47,26 +44,17 @@ def ask(client, **kw):
     return client.chat.completions.create(model="demo", messages=messages, max_tokens=3, temperature=0, **kw)
 
 
-def get(url, key=None):
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_missing_or_wrong_keys_are_401s(keyed):
-    status, body = get(keyed.http_url + "/v1/models")
+    status, body = http_get_json(keyed.http_url + "/v1/models")
     assert status == 401 and "didn't provide an API key" in body["error"]["message"]
     assert body["error"]["code"] == "invalid_api_key"
-    status, body = get(keyed.http_url + "/v1/models", key="sk-not-a-key-of-this-server")
+    status, body = http_get_json(keyed.http_url + "/v1/models", token="sk-not-a-key-of-this-server")
     assert status == 401 and "Incorrect API key" in body["error"]["message"]
     with pytest.raises(openai.AuthenticationError):
         ask(openai.OpenAI(base_url=keyed.http_url + "/v1", api_key="sk-wrong-wrong-wrong", max_retries=0))
-    status, _ = get(keyed.http_url + "/health")  # load balancers probe without a key
+    status, _ = http_get_json(keyed.http_url + "/health")  # load balancers probe without a key
     assert status == 200
-    assert get(keyed.http_url + "/v1/models", key=KEYS["acme"])[0] == 200
+    assert http_get_json(keyed.http_url + "/v1/models", token=KEYS["acme"])[0] == 200
 
 
 def test_two_keys_tenants_never_share_a_block(keyed):
@@ -121,5 +109,5 @@ def test_a_worker_dying_mid_stream_ends_the_stream_with_an_error_then_503s(keyed
     with pytest.raises(openai.InternalServerError) as e:
         ask(acme)
     assert e.value.status_code == 503 and "no live worker" in e.value.message
-    status, body = get(keyed.http_url + "/health")
+    status, body = http_get_json(keyed.http_url + "/health")
     assert status == 503 and body["error"]["type"] == "service_unavailable"
