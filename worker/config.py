@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from cache_store import ConfigError
-from worker.paged_attention import ATTENTION_MODES, AttentionMode
+
+if TYPE_CHECKING:
+    import torch
+
+# How a step attends (see worker.paged_attention). Defined here, not there, so reading the settings
+# (the CLI does) imports no torch.
+AttentionMode = Literal["per_request", "masked"]
+ATTENTION_MODES: tuple[AttentionMode, ...] = ("per_request", "masked")
 
 # (max_running, max_batch_tokens) when not given. CPU: a step of 256 tokens keeps decode latency
 # near 0.1 s on 2 cores with the demo model while 32 requests share each forward; GPU: the usual

@@ -13,7 +13,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from worker.paged_attention import AttentionMode, Span, StepAttention, active_step
+from worker.config import AttentionMode
+from worker.paged_attention import Span, StepAttention, active_step
 from worker.sequence import Sequence
 
 

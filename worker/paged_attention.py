@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +36,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from worker.config import AttentionMode
+
 ATTN_NAME = "prefixcache_paged"
-AttentionMode = Literal["per_request", "masked"]
-ATTENTION_MODES: tuple[AttentionMode, ...] = ("per_request", "masked")
 
 
 @dataclass(frozen=True)

@@ -279,8 +279,8 @@ def attention_modes(size: BatchSizes) -> dict[str, dict[str, float]]:
     """Step time of each attention mode (worker.paged_attention) on the same batches: `decode`, one
     token for each of 16 requests at a system prompt's context; `mixed`, the same plus a prefill
     chunk. Median of 5 steps; the engine's default is the faster."""
+    from worker.config import ATTENTION_MODES
     from worker.engine import Engine
-    from worker.paged_attention import ATTENTION_MODES
 
     engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=1.0, host_cache_gb=0, max_running=32)
     seqs = [engine.submit(Request(ids, max_new_tokens=4000)) for ids in prompts(size, "shared", 16, seed=7)]
