@@ -19,6 +19,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -116,10 +117,9 @@ def engine_server(engine, new_tokens: int) -> Serve:
     return serve
 
 
-def plain_server(model, new_tokens: int) -> Serve:
+def plain_server(model, new_tokens: int, torch_thread: ThreadPoolExecutor) -> Serve:
+    """generate() one request at a time, on `torch_thread` (one thread, like every engine here)."""
     from transformers.generation.streamers import BaseStreamer
-
-    lock = threading.Lock()
 
     class FirstToken(BaseStreamer):
         def __init__(self):
@@ -133,16 +133,22 @@ def plain_server(model, new_tokens: int) -> Serve:
         def end(self):
             pass
 
-    def serve(ids: list[int]) -> Sample:
-        t0 = time.perf_counter()
-        with lock, torch.inference_mode():
+    def generate(ids: list[int], t0: float) -> Sample:
+        with torch.inference_mode():
             st = FirstToken()
-            x = torch.tensor([ids])
             out = model.generate(
-                x, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=st, pad_token_id=0
+                torch.tensor([ids]),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=st,
+                pad_token_id=0,
             )
         end = time.perf_counter()
         return Sample((st.first or end) - t0, end - t0, out.shape[1] - len(ids), len(ids), 0)
+
+    def serve(ids: list[int]) -> Sample:
+        return torch_thread.submit(generate, ids, time.perf_counter()).result()
 
     return serve
 
@@ -220,23 +226,23 @@ def _pct(xs: list[float], p: int) -> float:
     return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
+def run_isolated(size: BatchSizes) -> dict:
+    """`run` in a fresh process. Why: libgomp slows every OpenMP team once more OpenMP threads exist
+    than cores (it stops spinning between parallel regions), and a thread that ran torch keeps its
+    team until it exits. Measured on 2 cores: one torch op on a live thread halved the engine's
+    decode rate at concurrency 16 (~500 -> ~240 tokens/s). A worker actor runs torch on its engine
+    thread alone; so does every mode here, each on a thread that ends with the mode, in a process
+    whose main thread never runs torch."""
+    import multiprocessing
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run, size).result()
+
+
 def run(size: BatchSizes, log=print) -> dict:
     """Every mode x workload x concurrency. Each mode starts from an empty cache per workload and
     concurrency level; the first request of each system prompt is then cold, the rest warm."""
-    from worker.engine import Engine
-    from worker.models import load_model
-
     out: dict = {"sizes": asdict(size), "modes": MODES, "runs": {}}
-    cpu = torch.device("cpu")
-
-    def fresh_engine(max_running):
-        # Loaded and stepped on its own thread, as the worker actor runs it: client threads only wait.
-        return Engine.on_own_thread(
-            lambda: Engine.from_pretrained(
-                "demo", device="cpu", device_cache_gb=1.0, host_cache_gb=0, max_running=max_running
-            )
-        )
-
     for workload in ("shared", "cold"):
         for c in size.concurrency:
             n = min(size.max_requests, max(size.min_requests, size.waves_per_client * c))
@@ -248,31 +254,46 @@ def run(size: BatchSizes, log=print) -> dict:
                 warmup += prompts(size, "shared", size.systems, seed=20_000 + c)
             for mode in MODES:
                 log(f"batching bench: {workload}, concurrency {c}, mode ({mode}) {MODES[mode]}, {n} requests ...")
-                if mode in ("i", "ii"):
-                    engine = fresh_engine(None if mode == "i" else 1)
-                    try:
-                        serve = engine_server(engine, size.new_tokens)
-                        closed_loop(serve, warmup, 1)
-                        samples, wall = closed_loop(serve, work, c)
-                    finally:
-                        engine.close()
-                elif mode == "iii":
-                    model = load_model("demo", cpu, torch.float32).model
-                    cb = TransformersCB(model, size.new_tokens, max_batch_tokens=256)
-                    try:
-                        closed_loop(cb.serve, warmup, 1)
-                        samples, wall = closed_loop(cb.serve, work, c)
-                    finally:
-                        cb.close()
-                else:
-                    serve = plain_server(load_model("demo", cpu, torch.float32).model, size.new_tokens)
-                    closed_loop(serve, warmup, 1)
-                    samples, wall = closed_loop(serve, work, c)
+                samples, wall = _one_mode(mode, size, warmup, work, c)
                 out["runs"][f"{workload}/{c}/{mode}"] = summarize(samples, wall)
-    out["suffix_limit_s"] = suffix_limit(size)
-    out["attention"] = attention_modes(size)
+    with ThreadPoolExecutor(1) as torch_thread:
+        out["suffix_limit_s"] = torch_thread.submit(suffix_limit, size).result()
+        out["attention"] = torch_thread.submit(attention_modes, size).result()
     out["goals"] = goals(out)
     return out
+
+
+def _one_mode(mode: str, size: BatchSizes, warmup, work, c: int) -> tuple[list[Sample], float]:
+    """One mode's closed loop; its torch work runs on one thread that ends with it."""
+    from worker.engine import Engine
+    from worker.models import load_model
+
+    if mode in ("i", "ii"):
+        engine = Engine.on_own_thread(
+            lambda: Engine.from_pretrained(
+                "demo", device="cpu", device_cache_gb=1.0, host_cache_gb=0, max_running=None if mode == "i" else 1
+            )
+        )
+        try:
+            serve = engine_server(engine, size.new_tokens)
+            closed_loop(serve, warmup, 1)
+            return closed_loop(serve, work, c)
+        finally:
+            engine.close()
+    with ThreadPoolExecutor(1) as torch_thread:
+        model = torch_thread.submit(load_model, "demo", torch.device("cpu"), torch.float32).result().model
+        if mode == "iv":
+            serve = plain_server(model, size.new_tokens, torch_thread)
+            closed_loop(serve, warmup, 1)
+            return closed_loop(serve, work, c)
+    # (iii): the manager is built on a thread that then ends; it steps on its own thread
+    with ThreadPoolExecutor(1) as builder:
+        cb = builder.submit(TransformersCB, model, size.new_tokens, 256).result()
+    try:
+        closed_loop(cb.serve, warmup, 1)
+        return closed_loop(cb.serve, work, c)
+    finally:
+        cb.close()
 
 
 def attention_modes(size: BatchSizes) -> dict[str, dict[str, float]]:

@@ -57,11 +57,8 @@ def run_suite(quick: bool, out_dir: Path, *, sizes: Sizes | None = None, only: s
     if only in (None, "service"):
         results.update(_service_part(quick, sizes or (QUICK if quick else FULL), log))
     if only in (None, "batching"):
-        threads = torch.get_num_threads()
-        try:
-            results["batching"] = batching.run(batching.QUICK_BATCH if quick else batching.BatchSizes(), log)
-        finally:
-            torch.set_num_threads(threads)
+        log("batching: one engine per mode, in a fresh process (see batching.run_isolated) ...")
+        results["batching"] = batching.run_isolated(batching.QUICK_BATCH if quick else batching.BatchSizes())
         results["batching"]["machine"] = machine()
     results["elapsed_s"] = time.time() - started
     previous.write_text(json.dumps(results, indent=1, default=str))
