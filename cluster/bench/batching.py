@@ -26,6 +26,8 @@ import torch
 
 from worker.request import Request
 
+SECTION = "## Batching: one worker under closed-loop concurrency"  # its heading in BENCHMARKS.md
+
 MODES = {
     "i": "prefixcache, batched",
     "ii": "prefixcache, max_running=1",
@@ -369,7 +371,7 @@ def report_lines(out: dict) -> list[str]:
     """The BENCHMARKS.md section."""
     s = out["sizes"]
     lines = [
-        "## Batching: one worker under closed-loop concurrency",
+        SECTION,
         "",
         f"Demo model, one engine, CPU. Shared: {s['systems']} system prompts of {s['system_tokens']} tokens + "
         f"{s['suffix_tokens']}-token suffixes; cold: {s['cold_tokens']}-token prompts sharing nothing. Every request "

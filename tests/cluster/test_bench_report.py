@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from cluster.bench.batching import SECTION
 from cluster.bench.report import KEEP, kept_sections, write
 
 from .helpers import SUITE_HEADINGS
@@ -22,11 +23,13 @@ def test_sections_after_the_marker_survive_a_rewrite(tmp_path):
 def test_write_replaces_the_suite_part_and_keeps_the_rest(tmp_path):
     kept = f"\n{KEEP}\n## Cluster scale\nnumbers\n"
     (tmp_path / "BENCHMARKS.md").write_text("# old suite output\n" + kept)
-    write(json.loads(RESULTS.read_text()), tmp_path)
+    results = json.loads(RESULTS.read_text())
+    write(results, tmp_path)
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert text.startswith("# Benchmarks\n") and "old suite output" not in text
     assert text.endswith(kept) and text.count(KEEP) == 1
     headings = [line for line in text.split(KEEP)[0].splitlines() if line.startswith("## ")]
-    assert tuple(h.split(" (")[0] for h in headings) == SUITE_HEADINGS
+    batching = (SECTION,) if "batching" in results else ()
+    assert tuple(h.split(" (")[0] for h in headings) == SUITE_HEADINGS + batching
     for plot in ("ttft_cdf.png", "speedup_vs_prefix.png", "hit_rate_vs_workers.png"):
         assert f"](bench-plots/{plot})" in text and (tmp_path / "bench-plots" / plot).stat().st_size > 5000
