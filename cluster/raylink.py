@@ -11,9 +11,9 @@ log = logging.getLogger(__name__)
 
 # Ray client's head proxy starts one server process per client connection. On a busy head (workers
 # loading a model, another client just leaving) that start can fail once and succeed a moment later;
-# the head answers with one of these. Nothing else is retried: a wrong address or a bad token fails
-# at once, with Ray's own message.
-_TRANSIENT_CLIENT_ERRORS = ("Starting Ray client server failed", "Proxy failed to Connect")
+# the head answers with one of these (the last: the server process it started had already exited).
+# Nothing else is retried: a wrong address or a bad token fails at once, with Ray's own message.
+_TRANSIENT_CLIENT_ERRORS = ("Starting Ray client server failed", "Proxy failed to Connect", "psutil.ZombieProcess")
 
 
 def init_ray(address: str, *, namespace: str, attempts: int = 4, **kwargs) -> None:
