@@ -99,6 +99,12 @@ def _start(sub) -> None:
     _service_args(p)
     p.add_argument("--workers", type=int, default=2, help="worker actors (one per GPU when the cluster has GPUs)")
     p.add_argument(
+        "--routers",
+        type=int,
+        default=1,
+        help="router replicas sharing the index; requests are dealt by prompt prefix (README: sizing the router)",
+    )
+    p.add_argument(
         "--model", default="demo", help="'demo' or a local Hugging Face model directory (same path on every node)"
     )
     p.add_argument(

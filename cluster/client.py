@@ -20,7 +20,7 @@ import ray
 from cluster.http.server import start_http
 from cluster.launch import add_workers, start_service, stop_service
 from cluster.raylink import init_ray
-from cluster.service import ServiceSpec, find_router
+from cluster.service import ServiceSpec, find_router, find_routers, replica_for
 from worker.actor import NAMESPACE
 from worker.request import Request, Result
 from worker.sequence import Chunk
@@ -28,12 +28,13 @@ from worker.sequence import Chunk
 
 class Cluster:
     def __init__(self, router, *, service: str, owns_service: bool, owns_ray: bool, actors=None):
-        self._router = router
+        self._router = router  # replica 0: stats, config
         self._actors = actors  # keeps non-detached actors alive while this client lives
         self.service = service
         self._owns_service = owns_service
         self._owns_ray = owns_ray
         self._config = ray.get(router.config.remote())
+        self._routers = find_routers(service, self._config["spec"]["routers"])
         self.http_url: str | None = None  # the OpenAI-compatible API, when start() was given http_port
 
     # ---- construction -----------------------------------------------------------
@@ -135,7 +136,7 @@ class Cluster:
         the Result (`chunk.result`). Closing the iterator early cancels the request."""
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt)
-        gen = self._router.stream.options(num_returns="streaming").remote(req.to_dict(), tenant)
+        gen = self._router_for(req, tenant).stream.options(num_returns="streaming").remote(req.to_dict(), tenant)
         finished = False
         try:
             for ref in gen:
@@ -149,7 +150,7 @@ class Cluster:
                 ray.cancel(gen)
 
     def run(self, requests: Sequence[Request], *, tenant: str | None = None) -> list[Result]:
-        refs = [self._router.generate.remote(r.to_dict(), tenant) for r in requests]
+        refs = [self._router_for(r, tenant).generate.remote(r.to_dict(), tenant) for r in requests]
         return [Result.from_dict(d) for d in ray.get(refs)]
 
     def submit(
@@ -166,12 +167,17 @@ class Cluster:
                 except StopIteration:
                     exhausted = True
                     break
-                pending[self._router.generate.remote(req.to_dict(), tenant)] = i
+                pending[self._router_for(req, tenant).generate.remote(req.to_dict(), tenant)] = i
             if not pending:
                 break
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 yield pending.pop(ref), Result.from_dict(ray.get(ref))
+
+    def _router_for(self, req: Request, tenant: str | None):
+        """The replica that places `req` (`replica_for`: one prefix, one replica)."""
+        salt = tenant if tenant is not None else req.cache_salt
+        return self._routers[replica_for(req.prompt, salt, self._config["block_size"], len(self._routers))]
 
     # ---- operations -----------------------------------------------------------------
 
@@ -194,7 +200,7 @@ class Cluster:
         return dict(self._config)
 
     def set_policy(self, name: str) -> None:
-        ray.get(self._router.set_policy.remote(name))
+        ray.get([r.set_policy.remote(name) for r in self._routers])
 
     def add_workers(self, n: int) -> list[str]:
         handles = add_workers(self.service, n)

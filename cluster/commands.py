@@ -92,6 +92,7 @@ def start(args) -> int:
         service=args.service,
         model=args.model,
         workers=args.workers,
+        routers=args.routers,
         redis_url=args.redis_url,
         device_cache_gb=args.device_cache_gb,
         host_cache_gb=args.host_cache_gb,
@@ -112,7 +113,10 @@ def start(args) -> int:
         cfg = ray.get(started.router.config.remote())
         health = ray.get([h.health.remote() for h in started.workers.values()])
         url = _service_error(_start_http, args, spec.service) if args.http_port is not None else None
-    print(f"service {spec.service!r} is up: {len(health)} workers, model {spec.model!r}, policy {spec.policy}")
+    print(
+        f"service {spec.service!r} is up: {len(health)} workers, {spec.routers} router(s), "
+        f"model {spec.model!r}, policy {spec.policy}"
+    )
     for h in health:
         print(f"  {h['worker_id']}: {h['device']} gpu_ids={h['gpu_ids']} node={h['node_id'][:12]}")
     print(f"  index: {redact(cfg['redis_url'])}")
@@ -171,6 +175,8 @@ def status(args) -> int:
         return EXIT_OK
     t = s["totals"]
     print(f"service {s['service']!r}: policy {s['policy']}, index {'up' if s['index_available'] else 'UNREACHABLE'}")
+    down = [r["replica"] for r in s["routers"] if "error" in r]
+    print(f"routers {len(s['routers'])}" + (f" (not answering: replicas {down})" if down else ""))
     print(
         f"requests {t['requests']:,}  hit rate {t['hit_rate']:.1%} (tokens)  prefill tokens saved {t['cached_tokens']:,}"
     )

@@ -1,7 +1,7 @@
 """Starting, scaling and stopping one prefixcache service on a Ray cluster.
 
-A service is: N worker actors (one per GPU, or CPU actors), one router
-actor, and a Redis index (external, or embedded in a small actor on the
+A service is: N worker actors (one per GPU, or CPU actors), R router
+actors, and a Redis index (external, or embedded in a small actor on the
 driver's node). What a service is made of and where its actors are found
 live in `cluster.service`; this module creates and removes them. With
 `detached=True` (what `prefixcache start` uses) they outlive the process
@@ -19,7 +19,15 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from cache_store import CacheConfig, IndexUnavailable, MetadataIndex
 from cluster.redis_host import RedisHostActor
 from cluster.router_actor import RouterActor
-from cluster.service import ServiceError, ServiceSpec, find_router, redis_name, router_name, worker_ids
+from cluster.service import (
+    ServiceError,
+    ServiceSpec,
+    find_router,
+    find_routers,
+    redis_name,
+    router_name,
+    worker_ids,
+)
 from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
 
 
@@ -39,13 +47,14 @@ class Started(NamedTuple):
     """Handles of a started service. Keep them while the service should live: a non-detached
     actor dies when its last handle goes away."""
 
-    router: Any
+    router: Any  # replica 0
     workers: dict[str, Any]
     redis_host: Any | None
+    routers: list[Any]  # every replica, replica 0 first
 
 
 def start_service(spec: ServiceSpec) -> Started:
-    """Start workers, router and (if no URL) an embedded Redis."""
+    """Start workers, router replicas and (if no URL) an embedded Redis."""
     try:
         ray.get_actor(router_name(spec.service), namespace=NAMESPACE)
         raise ServiceError(f"service {spec.service!r} is already running; stop it first or pick another --service")
@@ -58,22 +67,26 @@ def start_service(spec: ServiceSpec) -> Started:
         redis_url = ray.get(redis_host.url.remote())
     else:
         redis_url = spec.redis_url
-    # The router's process starts (and imports) while the workers load their model.
-    router = RouterActor.options(
-        name=router_name(spec.service), namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_restarts=-1
-    ).remote(spec.to_dict(), worker_ids(spec.workers), redis_url)
+    # The routers' processes start (and import) while the workers load their model.
+    routers = [
+        RouterActor.options(
+            name=router_name(spec.service, i), namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_restarts=-1
+        ).remote(spec.to_dict(), worker_ids(spec.workers), redis_url, replica=i)
+        for i in range(spec.routers)
+    ]
     try:
         check_redis(redis_url, spec.cache_config())
         handles = _start_workers(spec, redis_url, worker_ids(spec.workers), lifetime)
     except BaseException:
-        _kill_all([router, *([redis_host] if redis_host else [])])
+        _kill_all([*routers, *([redis_host] if redis_host else [])])
         raise
     try:
-        ray.get(router.start.remote())
+        ray.get(routers[0].start.remote())  # replica 0 calibrates transfers first
+        ray.get([r.start.remote() for r in routers[1:]])
     except ray.exceptions.RayError as e:
-        _kill_all([router, *handles.values(), *([redis_host] if redis_host else [])])
+        _kill_all([*routers, *handles.values(), *([redis_host] if redis_host else [])])
         raise ServiceError(f"router failed to start: {_cause(e)}") from None
-    return Started(router, handles, redis_host)
+    return Started(routers[0], handles, redis_host, routers)
 
 
 def _start_embedded_redis(spec: ServiceSpec, lifetime):
@@ -125,7 +138,7 @@ def _start_workers(spec: ServiceSpec, redis_url: str, ids: list[str], lifetime) 
 
 
 def add_workers(service: str, n: int) -> dict[str, Any]:
-    """Scale out: start n more workers with the service's settings and hand them to the router."""
+    """Scale out: start n more workers with the service's settings and hand them to every router."""
     router = find_router(service)
     cfg = ray.get(router.config.remote())
     spec = ServiceSpec.from_dict(cfg["spec"])
@@ -133,7 +146,8 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
     start = max(int(w.rsplit("-", 1)[1]) for w in existing) + 1
     lifetime = "detached" if spec.detached else None
     handles = _start_workers(spec, cfg["redis_url"], worker_ids(n, start), lifetime)
-    ray.get(router.add_workers.remote(list(handles)))
+    routers = find_routers(service, spec.routers)
+    ray.get([r.add_workers.remote(list(handles)) for r in routers])
     return handles
 
 
@@ -143,9 +157,11 @@ def stop_service(service: str = CacheConfig.service) -> None:
     from cluster.http.server import stop_http
 
     router = find_router(service)
+    routers = find_routers(service, ray.get(router.settings.remote())["routers"], missing_ok=True)
     stop_http(service)
+    ray.get([r.shutdown.remote() for r in routers[1:]])  # their counters flushed, then replica 0 stops workers
     names = ray.get(router.shutdown.remote())
-    actors = [router]
+    actors = list(routers)
     for name in names:
         try:
             actors.append(ray.get_actor(name, namespace=NAMESPACE))

@@ -16,6 +16,7 @@ import hmac
 import logging
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from cache_store.counter_names import ROUTER
 from cluster.history import record_history
 from cluster.policies import make_policy
 from cluster.router import NoWorker, Plan, Router
-from cluster.service import ServiceSpec, redis_name
+from cluster.service import ServiceError, ServiceSpec, find_router, redis_name, running_worker_ids
 from cluster.stats import summarize
 from worker.actor import NAMESPACE, worker_actor_name
 from worker.costs import CostModel
@@ -38,8 +39,15 @@ HEALTH_TIMEOUT_S = 5.0
 
 
 class RouterService:
-    def __init__(self, spec: dict, workers: list[str], redis_url: str, health_interval_s: float = 2.0):
+    """One router replica. Replicas share the index and keep their own in-flight counts; replica 0
+    also records history, calibrates transfers and stops the workers. Every public method first
+    makes sure `start` ran: a replica that Ray restarted starts again on its first call."""
+
+    def __init__(
+        self, spec: dict, workers: list[str], redis_url: str, health_interval_s: float = 2.0, replica: int = 0
+    ):
         self.spec = ServiceSpec.from_dict(spec)
+        self.replica = replica
         self.worker_ids = list(workers)
         self.handles: dict[str, Any] = {}
         self.redis_url = redis_url
@@ -49,11 +57,25 @@ class RouterService:
         self.started_at = time.time()
         self._tasks: list[asyncio.Task] = []
         self._tenant_key = b""
+        self._start_lock = asyncio.Lock()
 
     # ---- lifecycle -------------------------------------------------------------
 
     async def start(self) -> dict:
-        self.handles = await asyncio.to_thread(self._lookup, self.worker_ids)
+        await self._ready()
+        return await self.config()
+
+    async def _ready(self) -> None:
+        if self.router is not None:
+            return
+        async with self._start_lock:
+            if self.router is None:
+                await self._start()
+
+    async def _start(self) -> None:
+        found = await asyncio.to_thread(running_worker_ids, self.spec.service)
+        ids = list(dict.fromkeys([*self.worker_ids, *found]))
+        self.handles = await asyncio.to_thread(self._lookup, ids)
         infos = await asyncio.gather(*(h.info.remote() for h in self.handles.values()))
         fingerprints = {i["fingerprint"] for i in infos}
         if len(fingerprints) != 1:
@@ -62,7 +84,7 @@ class RouterService:
             )
         info = infos[0]
         tokenizer = await asyncio.to_thread(load_tokenizer, self.spec.model)
-        self.router = Router(
+        router = Router(
             tokenizer=tokenizer,
             fingerprint=info["fingerprint"],
             block_size=info["block_size"],
@@ -73,21 +95,23 @@ class RouterService:
             workers=list(self.handles),
         )
         self._tenant_key = await asyncio.to_thread(self._load_tenant_key)
-        await asyncio.to_thread(
-            self.index.set_service_info,
-            {
-                "model": self.spec.model,
-                "fingerprint": info["fingerprint"],
-                "block_size": info["block_size"],
-                "policy": self.spec.policy,
-                "workers": list(self.handles),
-                "started_at": self.started_at,
-            },
-        )
-        await self._calibrate()
+        if self.replica == 0:
+            await asyncio.to_thread(self.index.set_service_info, self._service_info(info))
+            await self._calibrate()
+        self.router = router
         await self._refresh()
         self._tasks.append(asyncio.create_task(self._background()))
-        return await self.config()
+
+    def _service_info(self, info: dict) -> dict:
+        return {
+            "model": self.spec.model,
+            "fingerprint": info["fingerprint"],
+            "block_size": info["block_size"],
+            "policy": self.spec.policy,
+            "workers": list(self.handles),
+            "routers": self.spec.routers,
+            "started_at": self.started_at,
+        }
 
     def _load_tenant_key(self) -> bytes:
         """A per-service secret for tenant salts, kept in Redis so a restarted router derives the same salts."""
@@ -101,24 +125,34 @@ class RouterService:
         return {w: ray.get_actor(worker_actor_name(self.spec.service, w), namespace=NAMESPACE) for w in ids}
 
     async def add_workers(self, ids: list[str]) -> list[str]:
+        await self._ready()
         self.handles.update(await asyncio.to_thread(self._lookup, ids))
         for w in ids:
             self.router.add_worker(w)
-        await self._calibrate()
+        if self.replica == 0:
+            await self._calibrate()
         await self._refresh()
         return list(self.handles)
 
     async def set_policy(self, name: str) -> str:
+        await self._ready()
         self.router.policy = make_policy(name)
         self.spec = ServiceSpec.from_dict({**self.spec.to_dict(), "policy": name})
         return name
 
     async def shutdown(self) -> list[str]:
-        """Stop background work, let workers deregister; returns the actor names to kill."""
+        """Stop background work; replica 0 also lets the workers deregister and returns the names of
+        the actors to kill (the others return none)."""
         for t in self._tasks:
             t.cancel()
+        if self.router is not None:
+            await asyncio.to_thread(self._flush_counters)
+        if self.replica != 0:
+            return []
+        if not self.handles:  # restarted and not called since: find the workers by name
+            ids = await asyncio.to_thread(running_worker_ids, self.spec.service)
+            self.handles = await asyncio.to_thread(self._lookup, ids)
         await asyncio.gather(*(self._quiet(h.shutdown.remote()) for h in self.handles.values()))
-        await asyncio.to_thread(self._flush_counters)
         if self.spec.redis_url is None:
             try:
                 host = ray.get_actor(redis_name(self.spec.service), namespace=NAMESPACE)
@@ -146,6 +180,7 @@ class RouterService:
             yield item
 
     async def _serve(self, request: dict, tenant: str | None, *, stream: bool):
+        await self._ready()
         req_or_problem = self._admit(request, tenant)
         if isinstance(req_or_problem, dict):
             yield {"result": req_or_problem}
@@ -257,7 +292,12 @@ class RouterService:
 
     # ---- introspection ---------------------------------------------------------------
 
+    async def settings(self) -> dict:
+        """The service's ServiceSpec as a dict; answers without starting (what `stop` needs)."""
+        return self.spec.to_dict()
+
     async def config(self) -> dict:
+        await self._ready()
         return {
             "service": self.spec.service,
             "spec": self.spec.to_dict(),
@@ -270,7 +310,31 @@ class RouterService:
             "max_context": self.router.max_context if self.router else None,
         }
 
+    async def local(self) -> dict:
+        """This replica's own view: its counters and the requests it has in flight per worker."""
+        await self._ready()
+        return {
+            "replica": self.replica,
+            "router": self.router.counters.snapshot(),
+            "inflight": dict(self.router.inflight),
+        }
+
+    async def _replicas(self) -> list[dict]:
+        """Every replica's `local()`, this one first; a replica that does not answer says why."""
+
+        async def ask(i: int) -> dict:
+            try:
+                peer = await asyncio.to_thread(find_router, self.spec.service, i)
+                return await asyncio.wait_for(peer.local.remote(), HEALTH_TIMEOUT_S)
+            except (ServiceError, ray.exceptions.RayError, asyncio.TimeoutError) as e:
+                return {"replica": i, "error": type(e).__name__, "router": {}, "inflight": {}}
+
+        others = [i for i in range(self.spec.routers) if i != self.replica]
+        return [await self.local(), *await asyncio.gather(*(ask(i) for i in others))]
+
     async def stats(self) -> dict:
+        """The service's stats; router counters and in-flight counts are summed over all replicas."""
+        await self._ready()
         await asyncio.gather(*(self._quiet(h.flush.remote()) for h in self.handles.values()))
         per_worker = {}
         for w, h in self.handles.items():
@@ -285,13 +349,15 @@ class RouterService:
         except IndexUnavailable:
             counters = {w: s.get("counters", {}) for w, s in per_worker.items()}
             source = "workers"
+        replicas = await self._replicas()
         return {
             "service": self.spec.service,
             "policy": self.router.policy.name,
             "index_available": self.index.available,
             "counters_source": source,
-            "router": self.router.counters.snapshot(),
-            "inflight": dict(self.router.inflight),
+            "router": _summed(r["router"] for r in replicas),
+            "inflight": _summed(r["inflight"] for r in replicas),
+            "routers": replicas,
             "workers": per_worker,
             **summarize(counters),
         }
@@ -307,7 +373,7 @@ class RouterService:
             if beats % 5 == 0:
                 await self._refresh()
             await asyncio.to_thread(self._flush_counters)
-            if beats % 3 == 0:
+            if beats % 3 == 0 and self.replica == 0:
                 await asyncio.to_thread(self._record_history)
 
     async def _check_health(self) -> None:
@@ -367,6 +433,15 @@ class _Attempt:
     plan: Plan
     number: int  # 1 for the first worker tried
     died: str | None = None  # set when the worker died before streaming anything: retry elsewhere
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    """Counts added key by key (zeros kept: a counter that exists reads 0, not missing)."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def _cancel_quietly(gen) -> None:

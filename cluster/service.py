@@ -1,23 +1,26 @@
 """One prefixcache service on a Ray cluster: its settings, its actors' names, finding it.
 
-A service is: N worker actors (one per GPU, or CPU actors), one router
-actor, and a Redis index (external, or embedded in a small actor on the
-driver's node). Actors are named `<service>:<role>` in the Ray namespace
-`prefixcache`, so a client anywhere in the cluster (or via Ray client) finds
-the router by name. `cluster.launch` starts and stops the actors; the
-router, one of them, reads its settings from here.
+A service is: N worker actors (one per GPU, or CPU actors), R router
+actors (replicas sharing the index), and a Redis index (external, or
+embedded in a small actor on the driver's node). Actors are named
+`<service>:<role>` in the Ray namespace `prefixcache`, so a client anywhere
+in the cluster (or via Ray client) finds the routers by name and deals each
+request to one of them with `replica_for`. `cluster.launch` starts and
+stops the actors; the routers read their settings from here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import ray
 
 from cache_store import DEVICE_CACHE_GB, HOST_CACHE_GB, CacheConfig, redact
 from cluster.policies import DEFAULT_POLICY, POLICIES
-from worker.actor import NAMESPACE
+from worker.actor import NAMESPACE, worker_actor_name
 from worker.config import EngineConfig
 
 
@@ -25,11 +28,15 @@ class ServiceError(RuntimeError):
     """The service could not start or be found; the message says what to change."""
 
 
+MAX_ROUTERS = 64
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     service: str = CacheConfig.service
     model: str = "demo"
     workers: int = 2
+    routers: int = 1  # router replicas: each places its share of requests (see `replica_for`)
     redis_url: str | None = None  # None: an embedded Valkey on the driver's node
     device_cache_gb: float = DEVICE_CACHE_GB
     host_cache_gb: float = HOST_CACHE_GB
@@ -53,6 +60,8 @@ class ServiceSpec:
             raise ValueError(f"service name must be 1-64 letters, digits, '_', '.', '-', got {self.service!r}")
         if not isinstance(self.workers, int) or not 1 <= self.workers <= 1024:
             raise ValueError(f"workers must be an integer in 1..1024, got {self.workers!r}")
+        if not isinstance(self.routers, int) or not 1 <= self.routers <= MAX_ROUTERS:
+            raise ValueError(f"routers must be an integer in 1..{MAX_ROUTERS}, got {self.routers!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.device_cache_gb <= 0 or self.host_cache_gb < 0:
@@ -89,8 +98,23 @@ class ServiceSpec:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def router_name(service: str) -> str:
-    return f"{service}:router"
+def router_name(service: str, replica: int = 0) -> str:
+    """Replica 0 keeps the plain name: it is the one that records history and stops the workers."""
+    return f"{service}:router" if replica == 0 else f"{service}:router-{replica}"
+
+
+def replica_for(prompt: str | Sequence[int], salt: str | None, block_size: int, replicas: int) -> int:
+    """The router replica that places a request: a hash of its salt (or tenant) and the start of its
+    prompt, so one prefix meets one replica, whose in-flight counts then see its whole burst.
+
+    The start is the first `block_size` token ids, or characters of a text prompt: a token spans at
+    least one character, so text prompts that share a first block share these characters."""
+    if replicas <= 1 or not isinstance(prompt, (str, Sequence)):
+        return 0  # a bad prompt: replica 0 says what is wrong with it
+    head = prompt[:block_size]
+    text = head if isinstance(head, str) else ",".join(map(str, head))
+    key = f"{salt or ''}\x00{text}".encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % replicas
 
 
 def redis_name(service: str) -> str:
@@ -101,11 +125,33 @@ def worker_ids(n: int, start: int = 0) -> list[str]:
     return [f"worker-{i}" for i in range(start, start + n)]
 
 
-def find_router(service: str = CacheConfig.service):
+def running_worker_ids(service: str) -> list[str]:
+    """The service's workers that Ray knows by name now, in start order: how a restarted router
+    finds the workers added after its first start."""
+    prefix = worker_actor_name(service, "")
+    named = ray.util.list_named_actors(all_namespaces=True)  # an actor runs in its job's namespace
+    found = [a["name"][len(prefix) :] for a in named if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)]
+    ids = [w for w in found if re.fullmatch(r"worker-\d+", w)]
+    return sorted(ids, key=lambda w: int(w.rsplit("-", 1)[1]))
+
+
+def find_router(service: str = CacheConfig.service, replica: int = 0):
     try:
-        return ray.get_actor(router_name(service), namespace=NAMESPACE)
+        return ray.get_actor(router_name(service, replica), namespace=NAMESPACE)
     except ValueError:
         raise ServiceError(
             f"no prefixcache service {service!r} on this Ray cluster; start one with "
             f"`prefixcache start --address <ray address> --service {service}`"
         ) from None
+
+
+def find_routers(service: str, replicas: int, *, missing_ok: bool = False) -> list:
+    """Handles of the router replicas, replica 0 first (with `missing_ok`, those still there)."""
+    found = []
+    for i in range(replicas):
+        try:
+            found.append(find_router(service, i))
+        except ServiceError:
+            if not missing_ok:
+                raise
+    return found

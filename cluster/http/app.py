@@ -34,7 +34,7 @@ from cluster.http.protocol import (
 )
 from cluster.http.responses import SSE_HEADERS, Responder
 from cluster.http.stream import RouterStream, sse_events
-from cluster.service import find_router
+from cluster.service import find_router, find_routers, replica_for
 from worker.models import load_tokenizer
 from worker.request import Request
 
@@ -75,8 +75,10 @@ async def read_body(request: HTTPRequest) -> bytes:
 class Ingress:
     def __init__(self, service: str, key_digests: dict[str, str] | None = None):
         self.keys = key_digests
-        self.router = find_router(service)
-        cfg = ray.get(self.router.config.remote())  # constructor: not on an event loop
+        router = find_router(service)
+        cfg = ray.get(router.config.remote())  # constructor: not on an event loop
+        self.routers = find_routers(service, cfg["spec"]["routers"])
+        self.block_size = int(cfg["block_size"])
         self.model = cfg["spec"]["model"]
         self.fingerprint = cfg["fingerprint"]
         self.max_context = int(cfg["max_context"])
@@ -85,11 +87,12 @@ class Ingress:
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """200 when the router answers and a worker is alive, else 503 (for load balancers)."""
+        """200 when every router replica answers and a worker is alive, else 503 (for load balancers)."""
         try:
-            cfg = await asyncio.wait_for(self.router.config.remote(), ROUTER_TIMEOUT_S)
+            cfgs = await asyncio.wait_for(asyncio.gather(*(r.config.remote() for r in self.routers)), ROUTER_TIMEOUT_S)
         except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
-            raise unavailable_error(f"the router does not answer ({type(e).__name__})") from None
+            raise unavailable_error(f"a router does not answer ({type(e).__name__})") from None
+        cfg = cfgs[0]
         if not cfg["alive"]:
             raise unavailable_error(f"no live worker (workers: {cfg['workers']})")
         return JSONResponse({"status": "ok", "model": self.model, "workers_alive": len(cfg["alive"])})
@@ -151,8 +154,13 @@ class Ingress:
             raise bad_request(problem)
         return req.to_dict()
 
+    def _router_for(self, req: dict[str, Any], tenant: str | None):
+        """The replica that places `req` (`replica_for`: one prefix, one replica)."""
+        salt = tenant if tenant is not None else req.get("cache_salt")
+        return self.routers[replica_for(req["prompt"], salt, self.block_size, len(self.routers))]
+
     async def _generate(self, req: dict[str, Any], tenant: str | None) -> dict[str, Any]:
-        ref = self.router.generate.remote(req, tenant)
+        ref = self._router_for(req, tenant).generate.remote(req, tenant)
         try:
             out = await ref
         except asyncio.CancelledError:  # the client went away
@@ -166,7 +174,7 @@ class Ingress:
 
     async def _stream(self, req: dict[str, Any], tenant: str | None, parsed: Parsed, responder: Responder):
         """An SSE response; a request the router refuses before its first token is a plain HTTP error."""
-        stream = RouterStream(self.router, req, tenant)
+        stream = RouterStream(self._router_for(req, tenant), req, tenant)
         try:
             first = await stream.next()
         except ray.exceptions.RayActorError as e:

@@ -32,7 +32,13 @@ GEOGRAPHY = (
 @pytest.fixture(scope="module")
 def svc(ray_local):
     c = Cluster.start(
-        workers=2, model="smollm2", service="t-http", device_cache_gb=0.1, host_cache_gb=0.1, http_port=free_port()
+        workers=2,
+        routers=2,  # every request here is dealt to one of two router replicas
+        model="smollm2",
+        service="t-http",
+        device_cache_gb=0.1,
+        host_cache_gb=0.1,
+        http_port=free_port(),
     )
     yield c
     c.shutdown()
