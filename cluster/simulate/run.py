@@ -64,7 +64,8 @@ def replica_for(chain: Sequence[bytes], arrival: int, replicas: int, affinity: s
     """Which router replica places a request. "prefix": by the hash of its first block, so every
     request of one prefix meets the same replica, whose own in-flight accounting then covers that
     prefix's holders (measured: it keeps TTFT p99 near one router's, dealing in turn does not).
-    "round_robin": in turn, what a plain load balancer in front of the replicas does."""
+    The service deals the same way (`cluster.service.replica_for`, on the first block's tokens; a
+    trace has only the block's hash). "round_robin": in turn, what a plain load balancer does."""
     if affinity == "prefix" and chain:
         return int.from_bytes(chain[0][:8], "little") % replicas
     return arrival % replicas
