@@ -39,7 +39,7 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
         "service": index.config.service,
         "time": now,
         "index_available": True,
-        "model": {k: info.get(k) for k in ("model", "fingerprint", "block_size", "policy")},
+        "model": {k: info.get(k) for k in ("model", "fingerprint", "block_size", "policy", "routers")},
         "workers_alive": sum(w["alive"] for w in workers),
         # cluster-wide: copies held vs different blocks; the gap is capacity spent on duplicates
         "blocks": {"stored": counts.stored, "distinct": counts.distinct, "duplicates": counts.duplicates},

@@ -8,8 +8,9 @@ from collections import Counter
 import pytest
 import ray
 
-from cache_store import CacheConfig
+from cache_store import CacheConfig, MetadataIndex
 from cluster import Cluster
+from cluster.dashboard.collect import collect
 from cluster.service import ServiceSpec, find_router, replica_for, router_name
 from tests.polling import wait_for
 from worker.actor import NAMESPACE
@@ -86,6 +87,18 @@ def test_both_replicas_place_and_the_stats_add_them_up(svc):
     assert routed[0] - was[0] == 3 and routed[1] - was[1] == 3  # each placed what it was dealt
     assert s["router"]["routed"] == routed[0] + routed[1]
     assert not any("error" in r for r in s["routers"])
+
+
+def test_the_dashboard_counts_the_replicas_and_sums_their_counters(svc):
+    index = MetadataIndex(svc.redis_url, CacheConfig(service=SERVICE))
+    svc.generate(prompts_for_each_replica(2)[1], max_new_tokens=2)
+    routed = svc.stats()["router"]["routed"]  # both replicas' own counts, added up
+
+    def flushed():
+        snap = collect(index)
+        return snap if snap["router"].get("routed") == routed else None
+
+    assert wait_for(flushed, "both replicas' counters in the index")["model"]["routers"] == 2
 
 
 def test_a_prefix_keeps_hitting_through_its_replica(svc):

@@ -51,7 +51,8 @@ function renderKpis(s) {
   $("kpi-distinct").textContent = num(b.distinct);
   $("kpi-stored").textContent = `${num(b.stored)} stored · ${num(b.duplicates)} duplicate copies`;
   const m = s.model || {};
-  $("kpi-model").textContent = m.model ? `model ${m.model} · block ${m.block_size} · ${m.policy}` : "";
+  const routers = m.routers > 1 ? ` · ${m.routers} routers` : "";
+  $("kpi-model").textContent = m.model ? `model ${m.model} · block ${m.block_size} · ${m.policy}${routers}` : "";
 }
 
 function renderChart(s) {
