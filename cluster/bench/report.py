@@ -218,6 +218,20 @@ def write(res: dict, out: Path) -> None:
     (out / "BENCHMARKS.md").write_text("\n".join(lines) + kept_sections(out / "BENCHMARKS.md"))
 
 
+def provenance(res, cmd: str) -> str:
+    """Which runs made the numbers: one `prefixcache bench`, or its service part and a later
+    `--only batching` (results from before parts were recorded read as one run)."""
+    svc, batch = res.get("run"), res.get("batching", {}).get("run")
+    raw = "raw data in `bench-results.json`"
+    if svc is None or batch is None or svc["command"] == batch["command"]:
+        minutes = svc["minutes"] + (batch["minutes"] if batch else 0) if svc else res["elapsed_s"] / 60
+        return f"Made by `{cmd}` on {res['machine']['date']} in {minutes:.1f} minutes; every number below comes from that one run ({raw})."
+    return (
+        f"Made by `{svc['command']}` on {svc['date']} (service part, {svc['minutes']:.0f} minutes), then "
+        f"`{batch['command']}` on {batch['date']} ({batch['minutes']:.0f} minutes), on the same machine; {raw}."
+    )
+
+
 def intro(res) -> list[str]:
     """Where the numbers come from and how to read them."""
     m, svc = res["machine"], res["service"]
@@ -225,8 +239,7 @@ def intro(res) -> list[str]:
     return [
         "# Benchmarks",
         "",
-        f"Made by `{cmd}` on {m['date']} in {res['elapsed_s'] / 60:.1f} minutes; every number below comes from that one "
-        "run (raw data in `bench-results.json`).",
+        provenance(res, cmd),
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB RAM, GPU: {m['gpu']}; Python {m['python']}, "
         f"torch {m['torch']}, transformers {m['transformers']}, Ray {m['ray']}. Model: the built-in demo model "

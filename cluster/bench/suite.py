@@ -54,18 +54,28 @@ def run_suite(quick: bool, out_dir: Path, *, sizes: Sizes | None = None, only: s
     started = time.time()
     previous = out_dir / "bench-results.json"
     results: dict = json.loads(previous.read_text()) if only and previous.is_file() else {}
+    command = " ".join(["prefixcache bench", *(["--quick"] if quick else []), *(["--only", only] if only else [])])
     if only in (None, "service"):
+        part_started = time.time()
         results.update(_service_part(quick, sizes or (QUICK if quick else FULL), log))
+        results["run"] = _run_record(command, part_started)
     if only in (None, "batching"):
+        part_started = time.time()
         log("batching: one engine per mode, in a fresh process (see batching.run_isolated) ...")
         results["batching"] = batching.run_isolated(batching.QUICK_BATCH if quick else batching.BatchSizes())
         results["batching"]["machine"] = machine()
+        results["batching"]["run"] = _run_record(command, part_started)
     results["elapsed_s"] = time.time() - started
     previous.write_text(json.dumps(results, indent=1, default=str))
     if "service" in results:
         report.write(results, out_dir)
     log(f"benchmarks done in {results['elapsed_s']:.0f}s: {out_dir / 'BENCHMARKS.md'}")
     return results
+
+
+def _run_record(command: str, started: float) -> dict:
+    """Which command made a part's numbers, when, and in how long (the report's header says it)."""
+    return {"command": command, "date": time.strftime("%Y-%m-%d"), "minutes": (time.time() - started) / 60}
 
 
 def _service_part(quick: bool, size: Sizes, log) -> dict:

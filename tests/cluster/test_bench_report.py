@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from cluster.bench.batching import SECTION
-from cluster.bench.report import KEEP, kept_sections, write
+from cluster.bench.report import KEEP, kept_sections, provenance, write
 
 from .helpers import SUITE_HEADINGS
 
@@ -33,3 +33,15 @@ def test_write_replaces_the_suite_part_and_keeps_the_rest(tmp_path):
     assert tuple(h.split(" (")[0] for h in headings) == SUITE_HEADINGS + batching
     for plot in ("ttft_cdf.png", "speedup_vs_prefix.png", "hit_rate_vs_workers.png"):
         assert f"](bench-plots/{plot})" in text and (tmp_path / "bench-plots" / plot).stat().st_size > 5000
+
+
+def test_the_header_names_every_run_that_made_the_numbers():
+    results = json.loads(RESULTS.read_text())
+    one = {"command": "prefixcache bench", "date": "2026-01-02", "minutes": 9.0}
+    results["run"] = one
+    results["batching"] = {**results.get("batching", {}), "run": {**one, "minutes": 12.0}}
+    assert "in 21.0 minutes; every number below comes from that one run" in provenance(results, "prefixcache bench")
+    results["batching"]["run"] = {"command": "prefixcache bench --only batching", "date": "2026-01-03", "minutes": 12}
+    text = provenance(results, "prefixcache bench")
+    assert "`prefixcache bench` on 2026-01-02 (service part, 9 minutes)" in text
+    assert "then `prefixcache bench --only batching` on 2026-01-03 (12 minutes)" in text and "one run" not in text
