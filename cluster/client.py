@@ -22,7 +22,7 @@ from cluster.launch import add_workers, start_service, stop_service
 from cluster.raylink import init_ray
 from cluster.service import ServiceSpec, find_router, find_routers, replica_for
 from worker.actor import NAMESPACE
-from worker.request import Request, Result
+from worker.request import Request, Result, stop_tuple
 from worker.sequence import Chunk
 
 
@@ -102,10 +102,10 @@ class Cluster:
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]] | str,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_new_tokens: int = Request.max_new_tokens,
+        temperature: float = Request.temperature,
+        top_p: float = Request.top_p,
+        top_k: int = Request.top_k,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         cache_salt: str | None = None,
@@ -115,17 +115,17 @@ class Cluster:
         """One Result per prompt, in order; a bad prompt gets a Result with `error` set."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        stops = stop_tuple(stop)
         reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
         return self.run(reqs, tenant=tenant)
 
     def stream(
         self,
         prompt: str | Sequence[int],
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_new_tokens: int = Request.max_new_tokens,
+        temperature: float = Request.temperature,
+        top_p: float = Request.top_p,
+        top_k: int = Request.top_k,
         seed: int | None = None,
         stop: Sequence[str] | str | None = None,
         cache_salt: str | None = None,
@@ -134,7 +134,7 @@ class Cluster:
     ) -> Iterator[Chunk]:
         """Chunks of text (with their token ids) as the worker generates them; the last chunk carries
         the Result (`chunk.result`). Closing the iterator early cancels the request."""
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        stops = stop_tuple(stop)
         req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt)
         gen = self._router_for(req, tenant).stream.options(num_returns="streaming").remote(req.to_dict(), tenant)
         finished = False

@@ -61,7 +61,7 @@ from worker.models import LoadedModel, fingerprint, load_model, resolve_device, 
 from worker.output import Detokenizer, build_result, cut_at_stop
 from worker.paged_attention import ATTN_NAME
 from worker.peer import PeerFetcher, PeerFetchError, PeerHint, fetch_prefix
-from worker.request import Request, Result, prompt_ids_problem
+from worker.request import Request, Result, prompt_ids_problem, stop_tuple
 from worker.sampling import make_generator, next_token
 from worker.scheduler import Scheduler
 from worker.sequence import Chunk, Status
@@ -188,10 +188,10 @@ class Engine:
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]] | str,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_new_tokens: int = Request.max_new_tokens,
+        temperature: float = Request.temperature,
+        top_p: float = Request.top_p,
+        top_k: int = Request.top_k,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         cache_salt: str | None = None,
@@ -200,7 +200,7 @@ class Engine:
         with `error`; the rest still run."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        stops = _stops(stop)
+        stops = stop_tuple(stop)
         reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
         seqs = [self.submit(r) for r in reqs]
         return [s if isinstance(s, Result) else self.wait(s) for s in seqs]
@@ -208,17 +208,17 @@ class Engine:
     def stream(
         self,
         prompt: str | Sequence[int],
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        max_new_tokens: int = Request.max_new_tokens,
+        temperature: float = Request.temperature,
+        top_p: float = Request.top_p,
+        top_k: int = Request.top_k,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         cache_salt: str | None = None,
     ) -> Iterator[Chunk]:
         """Chunks of text (and their token ids) as they are generated; the last carries the Result.
         Stopping the iteration cancels the request and frees its blocks."""
-        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, _stops(stop), cache_salt)
+        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop_tuple(stop), cache_salt)
         return self.stream_request(req)
 
     def stream_request(self, req: Request, **submit_kw) -> Iterator[Chunk]:
@@ -661,9 +661,3 @@ class Engine:
             if i:
                 best = min(best, time.perf_counter() - t)
         return best / n
-
-
-def _stops(stop: Sequence[str] | str | None) -> tuple[str, ...]:
-    if isinstance(stop, str):
-        return (stop,)
-    return tuple(stop) if isinstance(stop, (list, tuple)) else ()

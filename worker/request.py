@@ -16,6 +16,16 @@ MAX_SALT_CHARS = 256
 MAX_STOP_STRINGS = 16
 
 
+def stop_tuple(stop: Any) -> tuple[str, ...] | Any:
+    """`stop` as a Request holds it: one string or a list/tuple of them becomes a tuple; None is no
+    stop; anything else is kept as is for `Request.problem` to name."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    return tuple(stop) if isinstance(stop, (list, tuple)) else stop
+
+
 @dataclass(frozen=True)
 class Request:
     """One generation request. `prompt` is text or a list of token ids."""
@@ -39,15 +49,13 @@ class Request:
         if "prompt" not in d:
             raise ValueError('missing "prompt" (text or a list of token ids)')
         d = dict(d)
-        if isinstance(d.get("stop"), list):
-            d["stop"] = tuple(d["stop"])
-        elif isinstance(d.get("stop"), str):
-            d["stop"] = (d["stop"],)
+        if "stop" in d:
+            d["stop"] = stop_tuple(d["stop"])
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["stop"] = list(self.stop)
+        d["stop"] = list(self.stop) if isinstance(self.stop, tuple) else self.stop
         return d
 
     def problem(self) -> str | None:

@@ -49,6 +49,13 @@ def test_bad_parameters_get_a_clear_error(demo_engine, params, message):
     assert demo_engine.run(Request("Hello there", max_new_tokens=2)).ok
 
 
+def test_a_stop_that_is_not_strings_is_named_not_ignored(demo_engine):
+    [r] = demo_engine.generate(["Hello there"], max_new_tokens=2, stop=5)
+    assert not r.ok and "stop must be a list of at most" in r.error
+    assert Request.from_dict({"prompt": "x", "stop": None}).stop == ()  # JSON null: no stop strings
+    assert Request.from_dict({"prompt": "x", "stop": 5}).to_dict()["stop"] == 5  # kept for problem() to name
+
+
 def test_stop_strings_and_finish_reasons(demo_engine):
     [full] = demo_engine.generate(["Stop test prompt"], max_new_tokens=12)
     assert full.finish_reason == "length" and len(full.token_ids) == 12
