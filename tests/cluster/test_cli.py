@@ -10,7 +10,16 @@ from cluster.service import ServiceSpec
 
 def test_start_defaults_are_the_service_defaults():
     args, spec = build_parser().parse_args(["start"]), ServiceSpec()
-    for name in ("service", "device_cache_gb", "host_cache_gb", "block_size", "eviction", "policy", "max_running"):
+    for name in (
+        "service",
+        "routers",
+        "device_cache_gb",
+        "host_cache_gb",
+        "block_size",
+        "eviction",
+        "policy",
+        "max_running",
+    ):
         assert getattr(args, name) == getattr(spec, name), name
 
 

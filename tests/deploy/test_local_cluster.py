@@ -80,12 +80,14 @@ def start_two_workers(env) -> None:
         env["PREFIXCACHE_REDIS_URL"],
         "--workers",
         "2",
+        "--routers",
+        "2",  # every client below is dealt to one of two router replicas
         "--device-cache-gb",
         "0.05",
         "--host-cache-gb",
         "0.05",
     )
-    assert "service 'default' is up: 2 workers" in started.stdout
+    assert "service 'default' is up: 2 workers, 2 router(s)" in started.stdout
     nodes = {line.split("node=")[1] for line in started.stdout.splitlines() if "node=" in line}
     assert len(nodes) == 2, started.stdout  # one worker per worker node (the head has 1 CPU)
     assert env["PREFIXCACHE_REDIS_URL"].split("@")[0].split(":")[-1] not in started.stdout  # password not printed
@@ -160,6 +162,7 @@ def connect_from_python(env, r0_tokens: list[int]) -> None:
 def status_then_stop(env) -> None:
     status = run(env, "prefixcache", "status", "--address", env["PREFIXCACHE_CLIENT"])
     assert "hit rate" in status.stdout and "worker-1" in status.stdout
+    assert "routers 2\n" in status.stdout, status.stdout  # both replicas answered
     assert status.stdout.count("ms/token") == 2 and "fetching pays from" in status.stdout, status.stdout
 
     run(env, "prefixcache", "stop", "--address", env["RAY_ADDRESS"])
