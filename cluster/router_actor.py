@@ -84,6 +84,8 @@ class RouterService:
             )
         info = infos[0]
         tokenizer = await asyncio.to_thread(load_tokenizer, self.spec.model)
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            self.spec = await asyncio.to_thread(self._current_spec)
         router = Router(
             tokenizer=tokenizer,
             fingerprint=info["fingerprint"],
@@ -113,6 +115,15 @@ class RouterService:
             "started_at": self.started_at,
         }
 
+    def _current_spec(self) -> ServiceSpec:
+        """After a restart: the spec with the policy the service runs now (`set_policy` records it in
+        the index; the constructor's spec has the one it started with)."""
+        try:
+            policy = self.index.service_info().get("policy", self.spec.policy)
+        except IndexUnavailable:
+            return self.spec
+        return ServiceSpec.from_dict({**self.spec.to_dict(), "policy": policy})
+
     def _load_tenant_key(self) -> bytes:
         """A per-service secret for tenant salts, kept in Redis so a restarted router derives the same salts."""
         try:
@@ -138,6 +149,10 @@ class RouterService:
         await self._ready()
         self.router.policy = make_policy(name)
         self.spec = ServiceSpec.from_dict({**self.spec.to_dict(), "policy": name})
+        try:  # for the dashboard, and for a replica that restarts later
+            await asyncio.to_thread(self.index.set_service_info, {"policy": name})
+        except IndexUnavailable:
+            log.warning("index unreachable: a restarted replica would route with its start-up policy")
         return name
 
     async def shutdown(self) -> list[str]:

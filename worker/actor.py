@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -37,6 +38,7 @@ from worker.sequence import Chunk
 from worker.transfer import BadTransfer, pack_blocks, unpack_blocks
 
 log = logging.getLogger(__name__)
+COST_REFINES, COST_REFINE_EVERY_S = 3, 3.0  # idle re-timings of a prefill after start-up
 NAMESPACE = "prefixcache"
 
 
@@ -87,6 +89,7 @@ class WorkerService:
         self.metrics = RayMetrics(self.config.service, worker_id)
         if self.engine.keeper is not None:
             self.engine.keeper.gauges = self._gauges
+        threading.Thread(target=self._refine_costs, name=f"costs-{worker_id}", daemon=True).start()
 
     # ---- requests ---------------------------------------------------------------
 
@@ -216,6 +219,18 @@ class WorkerService:
         await loop.run_in_executor(self._side_thread, self.engine.close)
 
     # ---- internals ----------------------------------------------------------------
+
+    def _refine_costs(self) -> None:
+        """Re-time a prefill at a few idle moments after start-up (`Engine.refine_prefill_cost`); the
+        router reads the result with the worker's stats."""
+        for _ in range(COST_REFINES):
+            time.sleep(COST_REFINE_EVERY_S)
+            if self._inflight:
+                continue  # busy: timing now would only measure the queue
+            try:
+                self.engine.refine_prefill_cost()
+            except (ValueError, RuntimeError) as e:  # no room for the prompt now, or the engine closed
+                log.debug("prefill cost not refined: %s", e)
 
     def _gauges(self) -> dict[str, Any]:
         g = self.engine.gauges()

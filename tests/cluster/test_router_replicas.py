@@ -105,7 +105,7 @@ def test_a_prefix_keeps_hitting_through_its_replica(svc):
     system = "A shared system prompt for the replica cache test. Answer briefly. " * 4
     first = svc.generate([system + "Q0?"], max_new_tokens=3)[0]
     again = svc.generate([system + "Q1?"], max_new_tokens=3)[0]
-    assert again.worker_id == first.worker_id and again.cached_tokens >= (len(system) // BS) * BS
+    assert first.cached_tokens < BS and again.cached_tokens >= (len(system) // BS) * BS  # held or fetched
     streamed = list(svc.stream(system + "Q2?", max_new_tokens=3))
     assert streamed[-1].result.ok and streamed[-1].result.cached_tokens >= (len(system) // BS) * BS
 
@@ -120,6 +120,7 @@ def test_set_policy_reaches_every_replica(svc):
 
 def test_a_restarted_replica_starts_again_and_finds_added_workers(svc):
     added = svc.add_workers(1)
+    svc.set_policy("least_loaded")  # after the start: the constructor's spec does not have it
     replica = find_router(SERVICE, 1)
     ray.kill(replica, no_restart=False)  # Ray restarts it with its constructor's arguments
     prompt = prompts_for_each_replica(1)[1][0] + "after the restart"
@@ -135,6 +136,8 @@ def test_a_restarted_replica_starts_again_and_finds_added_workers(svc):
     assert r.ok and r.token_ids == greedy(prompt, 4)
     cfg = ray.get(find_router(SERVICE, 1).config.remote())
     assert set(added) <= set(cfg["workers"]) and len(cfg["workers"]) == 3
+    assert cfg["policy"] == "least_loaded"
+    svc.set_policy("cache_aware")
 
 
 def test_stop_removes_every_replica(svc):

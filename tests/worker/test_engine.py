@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 
 from cache_store import CacheConfig, MetadataIndex
@@ -159,3 +161,19 @@ def test_the_audit_reports_a_corrupted_cached_block():
     engine.generate([prompt + "corrupted hit"], max_new_tokens=1)
     assert engine.counters.snapshot().get("audit_checked") == 2
     assert engine.counters.snapshot().get("audit_mismatches") == 1
+
+
+def test_an_idle_retiming_lowers_a_start_up_cost_that_noise_inflated():
+    engine = Engine.on_own_thread(
+        lambda: Engine.from_pretrained("demo", device="cpu", device_cache_gb=0.05, host_cache_gb=0.05)
+    )
+    try:
+        measured = engine.costs.prefill_s_per_token
+        engine.costs = replace(engine.costs, prefill_s_per_token=measured * 50)  # as if timed beside a busy process
+        refined = engine.refine_prefill_cost()
+        assert refined < measured * 10 and engine.costs.prefill_s_per_token == refined
+        assert engine.refine_prefill_cost() <= refined  # only ever the minimum
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="needs the engine's step loop"):
+        engine.refine_prefill_cost()
