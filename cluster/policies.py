@@ -20,18 +20,25 @@ local caches still hit) with a load cap.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import itertools
+import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from cache_store import BlockHash, Holding
-from worker.costs import CostModel
+from worker.costs import DEFAULT_COSTS, CostModel
 
 
 @dataclass(frozen=True)
 class PlacementInput:
+    """What a policy decides on. The mappings may be live read-only views of the caller's state (the
+    router's, read under its lock, not copied per placement): read them in `place`, keep none."""
+
     prompt_tokens: int
     block_size: int
     chain: Sequence[BlockHash]
@@ -48,6 +55,9 @@ class PlacementInput:
     # Seconds of work queued ahead of a new request on each worker (see Router.load_s); when absent,
     # in-flight requests x service_s.
     load_s: Mapping[str, float] | None = None
+    # Positions in `workers` of each cost profile's workers (ascending), when the caller keeps them
+    # at hand (the router does); None: the policy splits `workers` itself.
+    profiles: Sequence[Sequence[int]] | None = None
 
     def queue_s(self, worker: str) -> float:
         if self.load_s is not None:
@@ -104,35 +114,58 @@ class CacheAware:
         self._rr = RoundRobin()
 
     def place(self, x: PlacementInput) -> Placement:
+        """The worker of least (estimated cost, in-flight, prefixes, rotated position), as scoring
+        every worker would, but scoring only those holding or computing part of the chain and, of
+        each cost profile, the one idle worker that can win (`_least_queued`)."""
         if x.holdings is None:
             return self._fallback(x)
-        actual = {h.worker_id: h for h in x.holdings if h.worker_id in x.workers and h.blocks > 0}
-        expect = {w: max(actual[w].blocks if w in actual else 0, x.predicted.get(w, 0)) for w in x.workers}
-        n = len(x.workers)
-        if not any(expect.values()):
+        live = set(x.workers) if x.holdings or x.predicted else set()
+        actual = {h.worker_id: h for h in x.holdings if h.worker_id in live and h.blocks > 0}
+        expect = {w: h.blocks for w, h in actual.items()}  # only workers with blocks: the rest have 0
+        for w, b in x.predicted.items():
+            if b > expect.get(w, 0) and w in live:
+                expect[w] = b
+        if not expect:
             # Nothing of this prompt is cached anywhere: a new prefix goes where it queues least, then
             # where the fewest distinct prefixes live, so prefixes (not requests) are spread evenly and
             # each worker's cache holds its share of the working set.
-            w = min(
-                enumerate(x.workers),
-                key=lambda iw: (x.inflight.get(iw[1], 0), x.prefixes.get(iw[1], 0), (iw[0] - x.turn) % n),
-            )[1]
-            return Placement(w, 0, None, "load", 0)
+            return Placement(_fewest(x, _rotated(x, range(len(x.workers)))), 0, None, "load", 0)
         top = _top_two(expect)
-        best_key, best = None, None
-        for i, w in _shortlist(x, expect):
+        best = max((h.blocks for h in x.holdings if h.worker_id in live), default=0)  # _best, without a list scan
+        scored = []
+        for w in expect:
             elsewhere = top[0][0] if top[0][1] != w else top[1][0]
-            cost, placement = self._estimate(x, w, actual, expect, elsewhere)
-            key = (round(cost, 9), x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
-            if best_key is None or key < best_key:
-                best_key, best = key, placement
-        return best
+            cost, placement = self._estimate(x, w, actual, expect, elsewhere, best)
+            scored.append((cost + x.queue_s(w), placement))
+        for part in _profiles(x):
+            order = _rotated(x, part)
+            some = next(itertools.filterfalse(expect.__contains__, order), None)
+            if some is None:
+                continue
+            # Idle workers of one profile share every cost term but the queue (elsewhere: the most any
+            # worker has, as none of them is in `top`), so the one that can win is found among their
+            # queues. Searched among the holders too, which cannot change an idle winner; when a
+            # holder wins that search, again without them.
+            cost, placement = self._estimate(x, some, actual, expect, top[0][0], best)
+            w = _least_queued(x, order, cost)
+            if w in expect:
+                w = _least_queued(x, list(itertools.filterfalse(expect.__contains__, order)), cost)
+            scored.append((cost + x.queue_s(w), placement._replace(worker_id=w)))
+        return _cheapest(x, scored)
 
     def _estimate(
-        self, x: PlacementInput, w: str, actual: Mapping[str, Holding], expect: Mapping[str, int], elsewhere: int
+        self,
+        x: PlacementInput,
+        w: str,
+        actual: Mapping[str, Holding],
+        expect: Mapping[str, int],
+        elsewhere: int,
+        best: int,
     ) -> tuple[float, Placement]:
-        c = x.costs.get(w, CostModel())
-        local = expect[w]
+        """Seconds to first token on `w` but for the work queued there (the caller adds
+        `x.queue_s(w)`, last, as the sum always was), and the placement on it."""
+        c = x.costs.get(w, DEFAULT_COSTS)
+        local = expect.get(w, 0)
         on_host = actual[w].blocks - actual[w].device_blocks if w in actual else 0
         peer, fetch = None, 0
         if self.peer_fetch:
@@ -153,10 +186,9 @@ class CacheAware:
             + self.duplicate_weight * c.prefill_s(duplicated)
             + on_host * c.promote_s_per_block
             + c.fetch_s(fetch)
-            + x.queue_s(w)
         )
         reason = "cache" if local or fetch else "load"
-        return cost, Placement(w, local, peer, reason, _best(x))
+        return cost, Placement(w, local, peer, reason, best)
 
     def _fallback(self, x: PlacementInput) -> Placement:
         """Index down: rendezvous-hash the first block so a prefix sticks to one worker."""
@@ -195,24 +227,95 @@ def _top_two(expect: Mapping[str, int]) -> list[tuple[int, str | None]]:
     return top
 
 
-def _shortlist(x: PlacementInput, expect: Mapping[str, int]) -> list[tuple[int, str]]:
-    """(position, worker) pairs that can win: every worker holding or computing part of the chain,
-    and, among the rest, the least loaded of each cost profile. Workers without a block of the chain
-    and with equal costs differ only in load (their cache terms are identical), so the others cannot
-    win; at 1,000 workers this keeps a placement to the holders plus a few."""
-    n = len(x.workers)
-    out: list[tuple[int, str]] = []
-    idle: dict[CostModel, tuple[tuple, int, str]] = {}
+def _profiles(x: PlacementInput) -> Sequence[Sequence[int]]:
+    """Positions of the candidates of each cost profile: `x.profiles` when the caller keeps them,
+    else grouped here by object identity (the router interns equal profiles; two equal profiles in
+    two parts only add a candidate to score)."""
+    if x.profiles is not None:
+        return x.profiles
+    parts: dict[int, list[int]] = {}
     for i, w in enumerate(x.workers):
-        if expect.get(w, 0) > 0:
-            out.append((i, w))
-            continue
-        c = x.costs.get(w, CostModel())
-        key = (x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n)
-        if c not in idle or key < idle[c][0]:
-            idle[c] = (key, i, w)
-    out += [(i, w) for _, i, w in idle.values()]
-    return out
+        parts.setdefault(id(x.costs.get(w, DEFAULT_COSTS)), []).append(i)
+    return list(parts.values())
+
+
+def _rotated(x: PlacementInput, positions: Sequence[int]) -> list[str]:
+    """The workers at ascending `positions`, from the first at or after `turn` on, wrapping round:
+    in order of (position - turn) % n, the last tie-break, so a first-minimum search honours it."""
+    k = bisect.bisect_left(positions, x.turn % len(x.workers))
+    if isinstance(positions, range) and positions.step == 1:  # consecutive (one profile): 2 slices
+        lo, hi = positions.start, positions.stop
+        return [*x.workers[lo + k : hi], *x.workers[lo : lo + k]]
+    return list(map(x.workers.__getitem__, itertools.chain(positions[k:], positions[:k])))
+
+
+def _least_queued(x: PlacementInput, workers: list[str], cost: float) -> str:
+    """Of `workers` (in rotated order), each costing `cost` plus its queue, the one a scan scoring
+    each would pick: least round(cost + queue_s, 9), then in-flight, prefixes, rotated position.
+    Done in C-level passes (map, min, count, filter), as a Python loop scoring each of 1,000
+    workers would be most of a placement."""
+    idle_near = 1e-6 if math.isfinite(cost) else math.inf  # `near` below, when the least queue is 0
+    if x.load_s is not None and min(x.load_s.values(), default=math.inf) >= idle_near:
+        # Queues absent from load_s are 0 and every one present is too long to tie with 0: the ties
+        # are the absent ones (a lightly loaded cluster: most workers), found without a lookup each.
+        free = list(itertools.filterfalse(x.load_s.__contains__, workers))
+        if free:
+            return _fewest(x, free)
+    if x.load_s is None:
+        queued = [x.queue_s(w) for w in workers]
+    else:
+        queued = list(map(x.load_s.get, workers, itertools.repeat(0.0)))
+    low = min(queued)
+    # Costs that round alike differ by under 1e-9 s (plus float error of the sums, far below 1e-6 s
+    # for costs under a million seconds), so a queue 1e-6 s above the least cannot tie with it.
+    near = low + 1e-6 if math.isfinite(cost + low) else math.inf
+    if min(filter(functools.partial(operator.lt, low), queued), default=math.inf) < near:  # rare
+        least = round(cost + low, 9)
+        tied = [w for w, q in zip(workers, queued) if q == low or (q < near and round(cost + q, 9) == least)]
+    elif queued.count(low) == 1:
+        return workers[queued.index(low)]
+    else:
+        tied = list(itertools.compress(workers, map(operator.eq, queued, itertools.repeat(low))))
+    return _fewest(x, tied)
+
+
+def _fewest(x: PlacementInput, workers: list[str]) -> str:
+    """The first of `workers` (in rotated order) of least in-flight, then prefixes: per count a
+    C-level map, min and count, and a filter only when some have more than the least."""
+    for counts in (x.inflight, x.prefixes):
+        if len(workers) == 1:
+            break
+        values = list(map(counts.get, workers, itertools.repeat(0)))
+        low = min(values)
+        ties = values.count(low)
+        if ties == 1:
+            return workers[values.index(low)]
+        if ties < len(values):
+            workers = list(itertools.compress(workers, map(operator.eq, values, itertools.repeat(low))))
+    return workers[0]
+
+
+def _rotated_first(x: PlacementInput, workers: list[str]) -> str:
+    """Of `workers` (few), the one of least (position - turn) % n in `x.workers`: the first found
+    scanning from position `turn` on, wrapping round."""
+    if len(workers) == 1:
+        return workers[0]
+    want = set(workers)
+    t = x.turn % len(x.workers)
+    return next(w for w in itertools.chain(x.workers[t:], x.workers[:t]) if w in want)
+
+
+def _cheapest(x: PlacementInput, scored: list[tuple[float, Placement]]) -> Placement:
+    """The placement of least (round(cost, 9), in-flight, prefixes, rotated position)."""
+    best_key, picks = None, []
+    for cost, p in scored:
+        key = (round(cost, 9), x.inflight.get(p.worker_id, 0), x.prefixes.get(p.worker_id, 0))
+        if best_key is None or key < best_key:
+            best_key, picks = key, [p]
+        elif key == best_key:
+            picks.append(p)
+    w = _rotated_first(x, [p.worker_id for p in picks])
+    return next(p for p in picks if p.worker_id == w)
 
 
 def _held(x: PlacementInput, w: str) -> tuple[int, int]:

@@ -9,10 +9,12 @@ retries on another worker when one dies.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Sequence
+from types import MappingProxyType
 from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
@@ -26,7 +28,7 @@ from cache_store.counter_names import (
     tenant_counter,
 )
 from cluster.policies import Placement, PlacementInput, Policy
-from worker.costs import CostModel
+from worker.costs import DEFAULT_COSTS, CostModel
 from worker.request import Request, prompt_ids_problem
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
@@ -83,14 +85,26 @@ class Router:
         # Blocks that requests in flight will have computed: hash -> {worker: requests}. Until the
         # index shows them, a burst sharing a new prefix is steered by these; they end with the
         # request (then the index, or an eviction, is the truth).
-        self._pending: dict[bytes, Counter[str]] = {}
+        self._pending: dict[bytes, dict[str, int]] = {}  # plain dicts: a Counter costs 1 us to build
         # First blocks of recent placements -> workers: how many distinct prefixes each worker serves.
         self._roots: OrderedDict[bytes, set[str]] = OrderedDict()
         self._prefixes: Counter[str] = Counter()
         self._turn = 0
         self._prefix_hits: Counter[str] = Counter()  # PrefixKey member -> hits, unflushed
-        # In-flight work per placement: id(plan) -> (worker, estimated prefill seconds, placed at).
-        self._work: dict[int, tuple[str, float, float]] = {}
+        # In-flight work per placement: id(plan) -> (worker, when its estimated prefill ends). Per
+        # worker, the ends not yet passed (a heap) and, where in-flight requests reach the engine's
+        # batch size, (requests over it + 1, batch size), also as the workers of each such pair:
+        # `_load_s` reads these, not every request (nor, mostly, every worker).
+        self._work: dict[int, tuple[str, float]] = {}
+        self._ends: dict[str, list[float]] = {}
+        self._expiry: list[tuple[float, str]] = []  # (end, worker), to drop ends as time passes them
+        self._over: dict[str, tuple[int, int]] = {}
+        self._over_by: dict[tuple[int, int], set[str]] = {}
+        # Read-only views the policy reads under the lock, instead of a copy per placement.
+        self._views = tuple(map(MappingProxyType, (self.inflight, self.costs, self._prefixes)))
+        self._live: tuple[list[str], list[Sequence[int]]] | None = None  # cached by `_candidates`
+        self._profiles: dict[CostModel, CostModel] = {}  # one object per distinct cost profile
+        self._default_s: float | None = None  # cached by `_default_service_s`
         self.clock = time.monotonic  # seconds; replaceable so tests can move time
         self._lock = threading.Lock()
 
@@ -116,7 +130,7 @@ class Router:
         """
         excluded = set(exclude)
         with self._lock:
-            if not any(w in self.alive and w not in excluded for w in self.workers):
+            if not self._candidates(excluded)[0]:
                 raise NoWorker(
                     f"no live worker to serve the request (workers: {self.workers}, excluded: {sorted(excluded)})"
                 )
@@ -127,87 +141,160 @@ class Router:
             except IndexUnavailable:
                 self.counters.add("placement_index_down")
         with self._lock:
-            candidates = [w for w in self.workers if w in self.alive and w not in excluded]
+            candidates, profiles = self._candidates(excluded)
             if not candidates:
                 raise NoWorker(f"no live worker to serve the request (workers: {self.workers})")
-            predicted = self._predicted(chain, candidates) if holdings is not None else {}
+            predicted = self._predicted(chain, excluded) if holdings is not None else {}
             service_s = self.service_s if self.service_s is not None else self._default_service_s()
             self._turn += 1
+            inflight, costs, prefixes = self._views
+            load = self._load_s(service_s)
             x = PlacementInput(
                 len(ids),
                 self.block_size,
                 chain,
                 candidates,
-                dict(self.inflight),
+                inflight,
                 holdings,
-                dict(self.costs),
+                costs,
                 service_s,
-                dict(self._prefixes),
+                prefixes,
                 self._turn,
                 predicted,
-                self._load_s(candidates, service_s),
+                load,
+                profiles,
             )
             placement = self.policy.place(x)
-            self.inflight[placement.worker_id] += 1
-            self._remember(chain, placement.worker_id, holdings)
+            w = placement.worker_id
+            self.inflight[w] += 1
+            self._note_over(w)
+            self._remember(chain, w, holdings)
             plan = Plan(ids, chain, placement, holdings)
-            self._work[id(plan)] = (placement.worker_id, self._prefill_s(plan), self.clock())
+            self._add_work(plan, self.clock() + self._prefill_s(plan))
         self.counters.add("routed")
         self.counters.add(f"placement_{placement.reason}")
         if placement.peer is not None:
             self.counters.add("peer_hints")
         return plan
 
+    def _candidates(self, excluded: set[str]) -> tuple[list[str], list[Sequence[int]] | None]:
+        """(Lock held.) Live workers not excluded, and the positions among them of each cost
+        profile's workers. Without exclusions (the usual case) both are kept until a worker or its
+        costs change, not rebuilt per placement; nobody may mutate them. With exclusions (retries)
+        the policy splits the candidates itself."""
+        if self._live is None:
+            live = [w for w in self.workers if w in self.alive]
+            parts: dict[int, list[int]] = {}
+            for i, w in enumerate(live):
+                parts.setdefault(id(self.costs.get(w, DEFAULT_COSTS)), []).append(i)
+            # one profile (equal hardware): a range, which the policy rotates by slicing
+            self._live = live, list(parts.values()) if len(parts) > 1 else [range(len(live))]
+        if not excluded:
+            return self._live
+        return [w for w in self._live[0] if w not in excluded], None
+
     def _prefill_s(self, plan: Plan) -> float:
         """(Lock held.) Estimated prefill seconds of a placed request on its worker."""
         p = plan.placement
-        cost = self.costs.get(p.worker_id, CostModel())
+        cost = self.costs.get(p.worker_id, DEFAULT_COSTS)
         local = max(p.local_blocks, p.peer[1] if p.peer else 0) * self.block_size
         return cost.prefill_s(max(1, len(plan.token_ids) - local))
 
-    def _load_s(self, workers: Sequence[str], service_s: float) -> dict[str, float]:
+    def _load_s(self, service_s: float) -> dict[str, float]:
         """(Lock held.) Seconds a new request waits on each worker before its own prefill runs.
 
         A batching engine shares every step among its running requests, so what delays a newcomer
         is the prefill still queued ahead (each in-flight request's estimated prefill, minus the
         time it has been running) and, once more requests are in flight than the engine batches
-        (`max_running`, measured at start-up), the turnover of those extra requests."""
+        (`max_running`, measured at start-up), the turnover of those extra requests.
+
+        Only workers with something queued appear (the others wait 0 s). Read from per-worker
+        state (`_over_by`, `_ends`): one C-level fill per (over, batch) pair, then a Python step per
+        worker with prefill still running, not one per request in flight."""
         now = self.clock()
-        load = dict.fromkeys(workers, 0.0)
-        for w, prefill_s, placed in self._work.values():
-            if w in load:
-                load[w] += max(0.0, prefill_s - (now - placed))
-        for w in workers:
-            over = self.inflight.get(w, 0) - self.costs.get(w, CostModel()).max_running
-            if over >= 0:
-                load[w] += (over + 1) * service_s / max(1, self.costs.get(w, CostModel()).max_running)
+        self._expire(now)
+        load: dict[str, float] = {}
+        for (n, batch), workers in self._over_by.items():
+            load.update(dict.fromkeys(workers, n * service_s / batch))
+        for w, ends in self._ends.items():
+            # the prefills not yet done, each end - now = prefill_s - (now - placed)
+            load[w] = load.get(w, 0.0) + (sum(ends) - len(ends) * now)
         return load
 
-    def _predicted(self, chain, candidates) -> dict[str, int]:
+    def _add_work(self, plan: Plan, end: float) -> None:
+        """(Lock held.) A placed request whose prefill is estimated to end at `end` (clock time)."""
+        w = plan.placement.worker_id
+        self._work[id(plan)] = (w, end)
+        heapq.heappush(self._ends.setdefault(w, []), end)
+        heapq.heappush(self._expiry, (end, w))
+
+    def _drop_work(self, plan: Plan) -> None:
+        """(Lock held.) The request left its worker: its prefill, if still counted, no longer is."""
+        w, end = self._work.pop(id(plan), (None, 0.0))
+        ends = self._ends.get(w)
+        if ends and end in ends:
+            ends.remove(end)
+            heapq.heapify(ends)
+            if not ends:
+                del self._ends[w]
+
+    def _expire(self, now: float) -> None:
+        """(Lock held.) Forget prefill ends the clock has passed (each once: the expiry heap holds
+        every end, including those of requests that already finished)."""
+        while self._expiry and self._expiry[0][0] <= now:
+            w = heapq.heappop(self._expiry)[1]
+            ends = self._ends.get(w)
+            while ends and ends[0] <= now:
+                heapq.heappop(ends)
+            if ends is not None and not ends:
+                del self._ends[w]
+
+    def _note_over(self, w: str) -> None:
+        """(Lock held.) Keep `_over`/`_over_by` in step with w's in-flight count and batch size."""
+        batch = self.costs.get(w, DEFAULT_COSTS).max_running
+        over = self.inflight.get(w, 0) - batch
+        pair = (over + 1, max(1, batch)) if over >= 0 else None
+        old = self._over.pop(w, None)
+        if old is not None:
+            self._over_by[old].discard(w)
+            if not self._over_by[old]:
+                del self._over_by[old]
+        if pair is not None:
+            self._over[w] = pair
+            self._over_by.setdefault(pair, set()).add(w)
+
+    def _predicted(self, chain, excluded: set[str]) -> dict[str, int]:
         """(Lock held.) Leading blocks of `chain` that requests in flight will leave on each worker.
 
         Walks the chain once, narrowing the set of workers whose run continues (as the index's
         holders script does), so the cost follows the pending workers, not the cluster size."""
         out: dict[str, int] = {}
-        live: set[str] | None = None
+        live: set[str] = set()
         for i, h in enumerate(chain):
-            pending = self._pending.get(bytes(h))
-            if not pending:
-                break
-            now = {w for w, c in pending.items() if c > 0 and (live is None or w in live)}
+            pending = self._pending.get(bytes(h))  # its counts are all > 0: `finished` drops the rest
+            if i and pending and len(pending) == len(live):
+                # A chain is a hash chain: a request counted on block i is counted on every block
+                # before it, so block i's workers are among block i-1's; as many means the same.
+                continue
+            now = (live & pending.keys() if i else set(pending)) if pending else set()
+            for w in live - now:  # their run ends before block i
+                out[w] = i
             if not now:
                 break
-            for w in now:
-                out[w] = i + 1
             live = now
-        cand = set(candidates)
-        return {w: n for w, n in out.items() if w in cand}
+        else:
+            out.update(dict.fromkeys(live, len(chain)))
+        return {w: n for w, n in out.items() if w in self.alive and w not in excluded}
 
     def _remember(self, chain, worker: str, holdings: list[Holding] | None) -> None:
         """(Lock held.) Record a placement for predictions and the hashes seen held."""
         best = max((h.blocks for h in holdings or ()), default=0)
         for h in chain:
-            self._pending.setdefault(bytes(h), Counter())[worker] += 1
+            key = bytes(h)
+            pending = self._pending.get(key)
+            if pending is None:
+                self._pending[key] = pending = {}
+            pending[worker] = pending.get(worker, 0) + 1
         if chain:
             root = self._roots.setdefault(bytes(chain[0]), set())
             if worker not in root:
@@ -218,8 +305,9 @@ class Router:
                 for w in self._roots.popitem(last=False)[1]:
                     self._prefixes[w] -= 1
         for h in chain[:best]:
-            self._held_once[bytes(h)] = None
-            self._held_once.move_to_end(bytes(h))
+            key = bytes(h)
+            self._held_once[key] = None
+            self._held_once.move_to_end(key)
         while len(self._held_once) > SEEN_CAPACITY:
             self._held_once.popitem(last=False)
 
@@ -272,42 +360,58 @@ class Router:
         """The planned request left its worker; `service_s` is how long it occupied it (None if it failed)."""
         worker = plan.placement.worker_id
         with self._lock:
-            self._work.pop(id(plan), None)
+            self._drop_work(plan)
             self.inflight[worker] -= 1
             if self.inflight[worker] <= 0:
                 del self.inflight[worker]
+            self._note_over(worker)
             for h in plan.chain:
-                pending = self._pending.get(bytes(h))
+                key = bytes(h)
+                pending = self._pending.get(key)
                 if pending is not None:
-                    pending[worker] -= 1
-                    if pending[worker] <= 0:
-                        del pending[worker]
-                    if not pending:
-                        del self._pending[bytes(h)]
+                    left = pending.get(worker, 0) - 1
+                    if left > 0:
+                        pending[worker] = left
+                    else:
+                        pending.pop(worker, None)
+                        if not pending:
+                            del self._pending[key]
             if service_s is not None:
                 prev = self.service_s
                 self.service_s = service_s if prev is None else 0.9 * prev + 0.1 * service_s
 
     def _default_service_s(self) -> float:
-        """Before any request finished: assume a 512-token prefill (lock held)."""
-        rates = [c.prefill_s_per_token for c in self.costs.values()] or [CostModel().prefill_s_per_token]
-        return 512 * sum(rates) / len(rates)
+        """Before any request finished: assume a 512-token prefill (lock held; kept until costs change)."""
+        if self._default_s is None:
+            rates = [c.prefill_s_per_token for c in self.costs.values()] or [DEFAULT_COSTS.prefill_s_per_token]
+            self._default_s = 512 * sum(rates) / len(rates)
+        return self._default_s
 
     def mark_dead(self, worker: str) -> None:
         with self._lock:
             self.alive.discard(worker)
+            self._live = None
 
     def mark_alive(self, worker: str) -> None:
         with self._lock:
             if worker in self.workers:
                 self.alive.add(worker)
+            self._live = None
 
     def add_worker(self, worker: str) -> None:
         with self._lock:
             if worker not in self.workers:
                 self.workers.append(worker)
             self.alive.add(worker)
+            self._live = None
 
     def set_costs(self, worker: str, costs: CostModel) -> None:
+        """Score `worker` with `costs`, rounded to 2 significant figures (worker/costs.py): equal
+        hardware measures equal costs but for noise, and placement scores one idle worker per
+        distinct profile, so unrounded every worker would be its own profile. Equal profiles are
+        one object, which placement groups by."""
+        rounded = costs.rounded()
         with self._lock:
-            self.costs[worker] = costs
+            self.costs[worker] = self._profiles.setdefault(rounded, rounded)
+            self._note_over(worker)
+            self._live = self._default_s = None

@@ -11,6 +11,11 @@ whose measurements have not reached it yet. Fetching n blocks pays when
 
 so the crossover is overhead / (block_size * prefill_per_token - transfer_per_block)
 blocks; below it, recompute.
+
+The router scores placements with `rounded()` terms (2 significant figures): a timed pass varies by
+more than 1% from run to run, so workers on equal hardware measure costs that differ only in noise
+digits; rounded, they share one profile, and placement scores one idle worker per profile instead
+of every worker.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ class CostModel:
     transfer_s_per_block: float = math.inf  # unknown until measured: never fetch
     transfer_overhead_s: float = 0.0
     max_running: int = 1  # requests the worker's engine batches into one forward
+
+    def rounded(self, digits: int = 2) -> CostModel:
+        """The measured seconds to `digits` significant figures (inf and 0 stay): what the router
+        scores with, so equal hardware is one cost profile (module docstring)."""
+        return replace(self, **{name: _significant(getattr(self, name), digits) for name in _MEASURED})
 
     def with_transfer(self, per_block_s: float, overhead_s: float) -> CostModel:
         return replace(self, transfer_s_per_block=per_block_s, transfer_overhead_s=overhead_s)
@@ -52,3 +62,14 @@ class CostModel:
     @classmethod
     def from_dict(cls, d: dict) -> CostModel:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+_MEASURED = ("prefill_s_per_token", "promote_s_per_block", "transfer_s_per_block", "transfer_overhead_s")
+
+# What the router assumes of a worker whose measurements have not reached it: one shared instance,
+# so a placement at 1,000 workers does not build (and hash) a CostModel per worker.
+DEFAULT_COSTS = CostModel()
+
+
+def _significant(value: float, digits: int) -> float:
+    return float(f"{value:.{digits - 1}e}")  # correctly rounded; "inf" and "0.0e+00" read back as such

@@ -1,5 +1,5 @@
 from cache_store import Holding
-from cluster.policies import CacheAware, LeastLoaded, PlacementInput, RoundRobin, make_policy
+from cluster.policies import CacheAware, LeastLoaded, Placement, PlacementInput, RoundRobin, make_policy
 from worker.costs import CostModel
 
 W = ["a", "b", "c"]
@@ -81,35 +81,81 @@ def test_make_policy_names():
         raise AssertionError("unknown policy accepted")
 
 
-def test_the_shortlist_places_exactly_as_a_scan_of_every_worker(monkeypatch):
-    """Placement at 1,000 workers evaluates holders plus the least loaded of the rest; on random
-    inputs (mixed costs, loads, holdings, predictions) it must pick what scoring everyone picks."""
+def scan_every_worker(x):
+    """What `CacheAware.place` must pick, by its definition: score every worker, least (cost rounded
+    to 1e-9 s, in-flight, prefixes, position - turn mod n) wins. O(workers^2); tests only."""
+    policy = CacheAware()
+    live = set(x.workers)
+    actual = {h.worker_id: h for h in x.holdings if h.worker_id in live and h.blocks > 0}
+    expect = {w: max(actual[w].blocks if w in actual else 0, x.predicted.get(w, 0)) for w in x.workers}
+    best = max((h.blocks for h in x.holdings if h.worker_id in live), default=0)
+    n = len(x.workers)
+    if not any(expect.values()):
+        i, w = min(
+            enumerate(x.workers),
+            key=lambda iw: (x.inflight.get(iw[1], 0), x.prefixes.get(iw[1], 0), (iw[0] - x.turn) % n),
+        )
+        return Placement(w, 0, None, "load", 0)
+    scored = []
+    for i, w in enumerate(x.workers):
+        elsewhere = max((b for v, b in expect.items() if v != w), default=0)
+        cost, placement = policy._estimate(x, w, actual, expect, elsewhere, best)
+        cost += x.queue_s(w)
+        scored.append(((round(cost, 9), x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n), placement))
+    return min(scored)[1]
+
+
+def random_input(rng, workers, profiles, trial):
+    """Random holdings, predictions, loads and counts, drawn from few values so ties are common."""
+    holders = rng.sample(workers, rng.randint(0, min(4, len(workers))))
+    held = [Holding(w, rng.randint(0, 10), rng.randint(0, 3), 1) for w in holders]
+    if rng.random() < 0.2:
+        load = None  # in-flight x service_s
+    else:
+        # equal, nearly equal (ties once rounded to 1e-9 s) and distinct queues; absent ones are 0, so
+        # also with no 0 given, and with some barely above 0
+        values = [0.1, 0.1 + 3e-10, 0.1 + 2e-9, 0.25, rng.random()] + rng.choice([[0.0], [], [3e-10, 2e-6]])
+        load = {w: rng.choice(values) for w in workers if rng.random() < rng.choice([0.3, 0.7, 1.0])}
+    costs = {w: rng.choice(profiles) for w in workers if rng.random() < 0.9}  # some not measured yet
+    return PlacementInput(
+        rng.choice([40, 170, 400]),
+        16,
+        CHAIN,
+        workers,
+        {w: rng.randint(0, 3) for w in workers if rng.random() < 0.5},
+        held,
+        costs,
+        rng.choice([0.05, 0.5]),
+        {w: rng.randint(0, 2) for w in workers if rng.random() < 0.3},
+        trial * 7,
+        {w: rng.randint(0, 10) for w in rng.sample(workers, rng.randint(0, min(2, len(workers))))},
+        load,
+    )
+
+
+def test_placement_is_exactly_a_scan_of_every_worker():
+    """Placement scores holders plus one idle worker per cost profile; on random inputs (several
+    profiles, some equal only once rounded, ties in load and counts) it must pick what scoring
+    every worker picks, with or without the caller's split by profile."""
+    import dataclasses
     import random
 
-    import cluster.policies as policies
-
     rng = random.Random(5)
-    workers = [f"w{i}" for i in range(40)]
-    profiles = [FAST_LINK, CostModel(prefill_s_per_token=2e-3, transfer_s_per_block=5e-4, transfer_overhead_s=2e-3)]
-    scan_all = lambda x, expect: list(enumerate(x.workers))  # noqa: E731
-    for trial in range(300):
-        holders = rng.sample(workers, rng.randint(0, 4))
-        held = [Holding(w, rng.randint(1, 10), rng.randint(0, 3), 1) for w in holders]
-        x_ = PlacementInput(
-            170,
-            16,
-            CHAIN,
-            workers,
-            {w: rng.randint(0, 3) for w in workers if rng.random() < 0.5},
-            held,
-            {w: rng.choice(profiles) for w in workers},
-            rng.choice([0.05, 0.5]),
-            {w: rng.randint(0, 5) for w in workers if rng.random() < 0.3},
-            trial,
-            {w: rng.randint(1, 10) for w in rng.sample(workers, rng.randint(0, 2))},
-        )
-        fast = CacheAware().place(x_)
-        monkeypatch.setattr(policies, "_shortlist", scan_all)
-        slow = CacheAware().place(x_)
-        monkeypatch.undo()
-        assert fast == slow, trial
+    measured = [
+        CostModel(prefill_s_per_token=p, transfer_s_per_block=t, transfer_overhead_s=o, max_running=m)
+        for p, t, o, m in [(1.01e-3, 1.02e-4, 1.0e-3, 1), (1.04e-3, 1.03e-4, 1.04e-3, 1), (2e-3, 5e-4, 2e-3, 4)]
+    ]
+    rounded = [c.rounded() for c in measured]
+    assert rounded[0] == rounded[1] and rounded[0] is not rounded[1]  # equal profiles, two objects
+    slow_host = CostModel(promote_s_per_block=0.05)  # a holder with blocks on host can cost more than none
+    profiles = [FAST_LINK, CostModel(), slow_host, *measured, *rounded]
+    for trial in range(1500):
+        workers = [f"w{i}" for i in range(rng.choice([1, 3, 40]))]
+        x_ = random_input(rng, workers, profiles, trial)
+        want = scan_every_worker(x_)
+        assert CacheAware().place(x_) == want, trial
+        parts = {}
+        for i, w in enumerate(workers):
+            parts.setdefault(x_.costs.get(w, CostModel()), []).append(i)  # by value, as the router interns
+        split = dataclasses.replace(x_, profiles=list(parts.values()))
+        assert CacheAware().place(split) == want, trial

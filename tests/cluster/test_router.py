@@ -151,9 +151,62 @@ def test_queued_prefill_is_forgotten_as_it_runs(index):
     ids, chain = router.prepare(Request("x" * 500))
     plan = router.place(ids, chain)
     w = plan.placement.worker_id
-    queued = router._load_s([w], 0.0)[w]
+    queued = router._load_s(0.0).get(w, 0.0)
     assert queued == pytest.approx(0.5, rel=0.01)  # 500 uncached tokens at 1 ms each
     now[0] += 0.3
-    assert router._load_s([w], 0.0)[w] == pytest.approx(0.2, rel=0.05)
+    assert router._load_s(0.0).get(w, 0.0) == pytest.approx(0.2, rel=0.05)
     router.finished(plan, 0.4)
-    assert router._load_s([w], 0.0)[w] == 0.0
+    assert router._load_s(0.0).get(w, 0.0) == 0.0
+
+
+def test_load_and_predictions_are_what_walking_every_request_gives():
+    """`_load_s` reads per-worker prefill ends and over-batch counts; on random placements,
+    finishes and clock steps it must equal the definition: the sum over requests in flight of
+    max(0, prefill end - now), plus (in flight - batch + 1) x service_s / batch once at the batch.
+    `_predicted` must give each worker the leading blocks that requests placed there compute."""
+    import random
+
+    rng = random.Random(3)
+    workers = [f"w{i}" for i in range(6)]
+    router = make_router(None, workers=workers)
+    for w in workers[:3]:
+        router.set_costs(w, CostModel(prefill_s_per_token=1e-3, max_running=rng.randint(1, 3)))
+    now = [50.0]
+    router.clock = lambda: now[0]
+    plans = []
+    for step in range(400):
+        if plans and rng.random() < 0.4:
+            router.finished(plans.pop(rng.randrange(len(plans))), rng.choice([None, 0.2]))
+        else:
+            ids, chain = router.prepare(Request("y" * rng.randint(20, 600)))
+            plans.append(router.place(ids, chain))
+        now[0] += rng.choice([0.0, 0.01, 0.1, 0.5])
+        service_s = rng.choice([0.05, 0.5])
+        want = {}
+        for w, end in router._work.values():
+            want[w] = want.get(w, 0.0) + max(0.0, end - now[0])
+        for w, n in router.inflight.items():
+            batch = router.costs.get(w, CostModel()).max_running
+            if n >= batch:
+                want[w] = want.get(w, 0.0) + (n - batch + 1) * service_s / batch
+        got = router._load_s(service_s)
+        for w in workers:
+            assert got.get(w, 0.0) == pytest.approx(want.get(w, 0.0), abs=1e-9), (step, w)
+        chain = router.prepare(Request("y" * rng.randint(20, 600)))[1]
+        runs = {
+            w: next((i for i, h in enumerate(chain) if w not in router._pending.get(h, ())), len(chain))
+            for w in workers
+        }
+        assert router._predicted(chain, set()) == {w: n for w, n in runs.items() if n}, step
+
+
+def test_measured_costs_are_rounded_so_equal_hardware_is_one_profile():
+    router = make_router(None, workers=("a", "b", "c"))
+    router.set_costs("a", CostModel(prefill_s_per_token=4.0123e-4, transfer_s_per_block=1.234e-4))
+    router.set_costs("b", CostModel(prefill_s_per_token=3.9876e-4, transfer_s_per_block=1.229e-4))
+    router.set_costs("c", CostModel(prefill_s_per_token=5.1e-4, transfer_s_per_block=1.2e-4))
+    assert router.costs["a"] is router.costs["b"]  # one object: placement groups by identity
+    assert router.costs["a"].prefill_s_per_token == 4.0e-4 and router.costs["a"].transfer_s_per_block == 1.2e-4
+    assert router.costs["c"] != router.costs["a"]
+    with router._lock:
+        assert sorted(router._candidates(set())[1]) == [[0, 1], [2]]  # positions of a, b and of c
