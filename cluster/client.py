@@ -55,7 +55,7 @@ class Cluster:
     ) -> Cluster:
         """Start a service: on a local Ray (started here if none is running) or at `address`.
 
-        `settings` are ServiceSpec fields: device_cache_gb, host_cache_gb, block_size, policy,
+        `settings` are ServiceSpec fields: routers, device_cache_gb, host_cache_gb, block_size, policy,
         eviction, service, dtype, cpus_per_worker, gpus_per_worker, detached, ...
         With `http_port`, the OpenAI-compatible HTTP API serves it too (`c.http_url`); `api_keys` is a
         file of 'KEY TENANT' lines (without one the API binds 127.0.0.1 only).
