@@ -17,6 +17,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,51 +228,76 @@ class RouterService:
             errors.append(f"{plan.placement.worker_id}: {attempt.died}")
 
     async def _forward(self, req: Request, attempt: _Attempt, *, stream: bool):
-        """One try on the planned worker: its chunks (when streaming) and its result. If the worker
+        """One try on the planned worker: its result, after its chunks when streaming. If the worker
         dies before anything was streamed, `attempt.died` says so and nothing is yielded for it: the
         caller retries elsewhere. A caller that stops listening cancels the request there."""
-        plan = attempt.plan
-        w = plan.placement.worker_id  # counted in flight there by place()
-        gen = (
-            self.handles[w]
-            .stream.options(num_returns="streaming")
-            .remote(req.to_dict(), plan.token_ids, plan.placement.peer)
-        )
-        latency, streamed, ended = None, 0, False
+        plan = attempt.plan  # counted in flight on its worker by place(); finished() below, always
+        w = plan.placement.worker_id
+        args = (req.to_dict(), plan.token_ids, plan.placement.peer)
+        attempt.latency = None
         try:
-            async for ref in gen:
-                item = await ref
-                if "result" not in item:
-                    streamed += 1
-                    if stream:
-                        yield item
-                    continue
-                out, ended = item["result"], True
-                # how long the request occupied the worker (its own queueing excluded)
-                latency = out.get("latency_s", 0.0) - out.get("queue_s", 0.0)
-                if out.get("error") is None:
-                    self.router.account(plan, out["cached_tokens"], req.cache_salt)
-                out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": attempt.number}
-                yield {"result": out}
-                return
-            raise ray.exceptions.RayActorError()  # the stream ended without a result
+            if stream:
+                gen = self.handles[w].stream.options(num_returns="streaming").remote(*args)
+                async with aclosing(self._relay(gen)) as items:  # closed (and cancelled) with this one
+                    async for item in items:
+                        if "result" not in item:
+                            attempt.streamed += 1
+                            yield item
+                            continue
+                        yield {"result": self._finish(plan, attempt, req, item["result"])}
+            else:
+                # One message for a whole answer: relaying each token's chunk cost this actor ~0.4 ms
+                # of CPU per token (7.9 ms per 16-token request against 1.8 ms for one token).
+                ref = self.handles[w].generate.remote(*args)
+                try:
+                    out = await ref
+                except asyncio.CancelledError:
+                    ray.cancel(ref)  # the caller went away: the worker frees the request's blocks
+                    raise
+                yield {"result": self._finish(plan, attempt, req, out)}
         except ray.exceptions.RayActorError as e:
-            ended = True
             log.warning("worker %s failed during a request: %s", w, type(e).__name__)
             self.router.mark_dead(w)
-            if not (stream and streamed):
+            if not attempt.streamed:
                 attempt.died = type(e).__name__
                 return
-            error = f"worker {w} died after streaming {streamed} chunk(s); resend the request"
+            error = f"worker {w} died after streaming {attempt.streamed} chunk(s); resend the request"
             yield {"result": Result.failed(error, id=req.id, worker_id=w, prompt_tokens=len(plan.token_ids)).to_dict()}
         except ray.exceptions.RayTaskError as e:
-            ended = True
             self.router.counters.add("worker_errors")
             yield {"result": Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()}
         finally:
+            self.router.finished(plan, attempt.latency)
+
+    @staticmethod
+    async def _relay(gen):
+        """The items of a worker's stream, ending with its result; a stream that ends without one is
+        a dead worker. A caller that stops listening cancels the worker's stream."""
+        ended = False
+        try:
+            async for ref in gen:
+                item = await ref
+                if "result" in item:
+                    ended = True
+                yield item
+                if ended:
+                    return
+            ended = True
+            raise ray.exceptions.RayActorError()  # the stream ended without a result
+        except ray.exceptions.RayError:
+            ended = True
+            raise
+        finally:
             if not ended:  # the caller went away mid-stream
                 _cancel_quietly(gen)
-            self.router.finished(plan, latency)
+
+    def _finish(self, plan: Plan, attempt: _Attempt, req: Request, out: dict) -> dict:
+        """A worker's Result dict, counted and labelled with how it was placed."""
+        attempt.latency = out.get("latency_s", 0.0) - out.get("queue_s", 0.0)  # its own queueing excluded
+        if out.get("error") is None:
+            self.router.account(plan, out["cached_tokens"], req.cache_salt)
+        out["extra"] = {**out.get("extra", {}), "placement": plan.placement.reason, "attempts": attempt.number}
+        return out
 
     def _admit(self, request: dict, tenant: str | None) -> Request | dict:
         """The request with the tenant's salt applied, or a failed Result dict saying what is wrong."""
@@ -448,6 +474,8 @@ class _Attempt:
     plan: Plan
     number: int  # 1 for the first worker tried
     died: str | None = None  # set when the worker died before streaming anything: retry elsewhere
+    streamed: int = 0  # chunks passed on to the caller
+    latency: float | None = None  # seconds the request occupied the worker (None: it failed)
 
 
 def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
