@@ -132,12 +132,12 @@ class WorkerService:
                 yield {"result": seq.to_dict()}
                 return
             while True:
-                chunk = await queue.get()
-                if chunk.result is not None:
-                    self.metrics.observe(chunk.result)
-                yield chunk.to_dict()
-                if chunk.result is not None:
-                    return
+                for chunk in ready_chunks(await queue.get(), queue):
+                    if chunk.result is not None:
+                        self.metrics.observe(chunk.result)
+                    yield chunk.to_dict()
+                    if chunk.result is not None:
+                        return
         finally:
             if seq is not None and not isinstance(seq, Result) and not seq.done.is_set():
                 self.engine.cancel(seq)  # the caller went away: free its blocks
@@ -251,6 +251,18 @@ class WorkerService:
         except (ray.exceptions.RayError, ValueError, BadTransfer) as e:
             self._peers.pop(peer_id, None)
             raise PeerFetchError(f"{type(e).__name__}: {e}") from None
+
+
+def ready_chunks(first: Chunk, queue: asyncio.Queue) -> list[Chunk]:
+    """`first` and every chunk already waiting behind it, text chunks merged into one: when this
+    loop falls behind the engine (many streams on one worker), each message carries several tokens
+    instead of one, and every hop after it (the router, the client) handles fewer messages."""
+    got = [first]
+    while got[-1].result is None and not queue.empty():
+        got.append(queue.get_nowait())
+    text = [c for c in got if c.result is None]
+    merged = [Chunk("".join(c.text for c in text), tuple(t for c in text for t in c.token_ids))] if text else []
+    return merged + [c for c in got if c.result is not None]
 
 
 def _assigned_cpus() -> int:

@@ -120,3 +120,24 @@ def _cfg():
     from cache_store import CacheConfig
 
     return CacheConfig(service="acttest")
+
+
+def test_chunks_waiting_behind_one_go_out_as_one_message():
+    import asyncio
+
+    from worker.actor import ready_chunks
+    from worker.request import Result
+    from worker.sequence import Chunk
+
+    async def drain(items):
+        q: asyncio.Queue = asyncio.Queue()
+        for c in items[1:]:
+            q.put_nowait(c)
+        return ready_chunks(items[0], q), q.qsize()
+
+    done = Chunk("", (), Result.failed("x"))
+    pieces = [Chunk("a", (1,)), Chunk("bc", (2, 3)), Chunk("d", (4,))]
+    out, left = asyncio.run(drain([*pieces, done, Chunk("late", (9,))]))
+    assert out == [Chunk("abcd", (1, 2, 3, 4)), done] and left == 1  # nothing after the result is taken
+    assert asyncio.run(drain([pieces[0]])) == ([pieces[0]], 0)  # nothing waiting: sent as it came
+    assert asyncio.run(drain([done, pieces[0]])) == ([done], 1)
