@@ -253,7 +253,7 @@ def _simulate(sub) -> None:
         "--no-duplicates-first", action="store_true", help="plain eviction order (ignore copies other workers hold)"
     )
     p.add_argument(
-        "--routers", type=int, default=1, help="stateless router replicas sharing the index (arrivals dealt in turn)"
+        "--routers", type=int, default=1, help="router replicas sharing the index (dealt by --router-affinity)"
     )
     p.add_argument(
         "--router-affinity",

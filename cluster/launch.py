@@ -10,6 +10,7 @@ that started them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
@@ -29,6 +30,8 @@ from cluster.service import (
     worker_ids,
 )
 from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
+
+log = logging.getLogger(__name__)
 
 
 def check_redis(url: str, config: CacheConfig) -> None:
@@ -67,14 +70,18 @@ def start_service(spec: ServiceSpec) -> Started:
         redis_url = ray.get(redis_host.url.remote())
     else:
         redis_url = spec.redis_url
-    # The routers' processes start (and import) while the workers load their model.
-    routers = [
-        RouterActor.options(
-            name=router_name(spec.service, i), namespace=NAMESPACE, lifetime=lifetime, num_cpus=0, max_restarts=-1
-        ).remote(spec.to_dict(), worker_ids(spec.workers), redis_url, replica=i)
-        for i in range(spec.routers)
-    ]
+    routers: list = []
     try:
+        for i in range(spec.routers):  # their processes start (and import) while the workers load their model
+            routers.append(
+                RouterActor.options(
+                    name=router_name(spec.service, i),
+                    namespace=NAMESPACE,
+                    lifetime=lifetime,
+                    num_cpus=0,
+                    max_restarts=-1,
+                ).remote(spec.to_dict(), worker_ids(spec.workers), redis_url, replica=i)
+            )
         check_redis(redis_url, spec.cache_config())
         handles = _start_workers(spec, redis_url, worker_ids(spec.workers), lifetime)
     except BaseException:
@@ -147,7 +154,8 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
     lifetime = "detached" if spec.detached else None
     handles = _start_workers(spec, cfg["redis_url"], worker_ids(n, start), lifetime)
     routers = find_routers(service, spec.routers)
-    ray.get([r.add_workers.remote(list(handles)) for r in routers])
+    ray.get(routers[0].add_workers.remote(list(handles)))  # replica 0 calibrates their transfers first
+    ray.get([r.add_workers.remote(list(handles)) for r in routers[1:]])
     return handles
 
 
@@ -159,8 +167,12 @@ def stop_service(service: str = CacheConfig.service) -> None:
     router = find_router(service)
     routers = find_routers(service, ray.get(router.settings.remote())["routers"], missing_ok=True)
     stop_http(service)
-    ray.get([r.shutdown.remote() for r in routers[1:]])  # their counters flushed, then replica 0 stops workers
-    names = ray.get(router.shutdown.remote())
+    for r in routers[1:]:  # their counters flushed; one that fails to is killed all the same
+        try:
+            ray.get(r.shutdown.remote())
+        except ray.exceptions.RayError as e:
+            log.warning("a router replica did not shut down cleanly: %s", _cause(e))
+    names = ray.get(router.shutdown.remote())  # replica 0: the workers deregister
     actors = list(routers)
     for name in names:
         try:

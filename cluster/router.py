@@ -389,14 +389,16 @@ class Router:
 
     def mark_dead(self, worker: str) -> None:
         with self._lock:
-            self.alive.discard(worker)
-            self._live = None
+            if worker in self.alive:
+                self.alive.discard(worker)
+                self._live = None
 
     def mark_alive(self, worker: str) -> None:
+        """(The health loop calls this for every live worker every beat: a no-op unless it was dead.)"""
         with self._lock:
-            if worker in self.workers:
+            if worker in self.workers and worker not in self.alive:
                 self.alive.add(worker)
-            self._live = None
+                self._live = None
 
     def add_worker(self, worker: str) -> None:
         with self._lock:
@@ -406,12 +408,13 @@ class Router:
             self._live = None
 
     def set_costs(self, worker: str, costs: CostModel) -> None:
-        """Score `worker` with `costs`, rounded to 2 significant figures (worker/costs.py): equal
-        hardware measures equal costs but for noise, and placement scores one idle worker per
-        distinct profile, so unrounded every worker would be its own profile. Equal profiles are
-        one object, which placement groups by."""
+        """Score `worker` with `costs.rounded()` (why: worker/costs.py). Equal profiles are one
+        object, which placement groups by."""
         rounded = costs.rounded()
         with self._lock:
-            self.costs[worker] = self._profiles.setdefault(rounded, rounded)
+            profile = self._profiles.setdefault(rounded, rounded)
+            if self.costs.get(worker) is profile:
+                return  # the periodic refresh, nothing changed: keep the cached candidates
+            self.costs[worker] = profile
             self._note_over(worker)
             self._live = self._default_s = None

@@ -1,11 +1,13 @@
-"""RouterService: the named, async Ray actor in front of the workers.
+"""RouterService: one router replica, a named async Ray actor in front of the workers.
 
 It places each request with `Router` (tokenize + one index lookup, run off
 the event loop), forwards it to the chosen worker with a peer-fetch hint,
 and retries on another worker if the chosen one dies. A background loop
 checks worker health, refreshes their measured costs and flushes the
 router's counters. Async methods only await; blocking work (tokenizer,
-Redis) runs in threads via `asyncio.to_thread`.
+Redis) runs in threads via `asyncio.to_thread`. A service runs one or more
+replicas (`ServiceSpec.routers`); clients deal requests to them with
+`cluster.service.replica_for`.
 """
 
 from __future__ import annotations
@@ -76,8 +78,7 @@ class RouterService:
     async def _start(self) -> None:
         found = await asyncio.to_thread(running_worker_ids, self.spec.service)
         ids = list(dict.fromkeys([*self.worker_ids, *found]))
-        self.handles = await asyncio.to_thread(self._lookup, ids)
-        infos = await asyncio.gather(*(h.info.remote() for h in self.handles.values()))
+        self.handles, infos = await self._reachable(ids)
         fingerprints = {i["fingerprint"] for i in infos}
         if len(fingerprints) != 1:
             raise RuntimeError(
@@ -104,6 +105,16 @@ class RouterService:
         self.router = router
         await self._refresh()
         self._tasks.append(asyncio.create_task(self._background()))
+
+    async def _reachable(self, ids: list[str]) -> tuple[dict[str, Any], list[dict]]:
+        """Handles and infos of the workers among `ids` that answer. A replica Ray restarts may find
+        some of them dead for good (past their restarts); it starts without them. None: an error."""
+        named = await asyncio.to_thread(self._lookup, ids, missing_ok=True)
+        infos = await asyncio.gather(*(h.info.remote() for h in named.values()), return_exceptions=True)
+        alive = {w: (h, i) for (w, h), i in zip(named.items(), infos) if not isinstance(i, BaseException)}
+        if not alive:
+            raise RuntimeError(f"no worker of service {self.spec.service!r} answers (looked for {ids})")
+        return {w: h for w, (h, _) in alive.items()}, [i for _, i in alive.values()]
 
     def _service_info(self, info: dict) -> dict:
         return {
@@ -133,8 +144,15 @@ class RouterService:
             log.warning("index unreachable at start: tenant salts use a key local to this router")
             return secrets.token_bytes(32)
 
-    def _lookup(self, ids: list[str]) -> dict[str, Any]:
-        return {w: ray.get_actor(worker_actor_name(self.spec.service, w), namespace=NAMESPACE) for w in ids}
+    def _lookup(self, ids: list[str], *, missing_ok: bool = False) -> dict[str, Any]:
+        found = {}
+        for w in ids:
+            try:
+                found[w] = ray.get_actor(worker_actor_name(self.spec.service, w), namespace=NAMESPACE)
+            except ValueError:
+                if not missing_ok:
+                    raise
+        return found
 
     async def add_workers(self, ids: list[str]) -> list[str]:
         await self._ready()
@@ -167,7 +185,7 @@ class RouterService:
             return []
         if not self.handles:  # restarted and not called since: find the workers by name
             ids = await asyncio.to_thread(running_worker_ids, self.spec.service)
-            self.handles = await asyncio.to_thread(self._lookup, ids)
+            self.handles = await asyncio.to_thread(self._lookup, ids, missing_ok=True)
         await asyncio.gather(*(self._quiet(h.shutdown.remote()) for h in self.handles.values()))
         if self.spec.redis_url is None:
             try:
@@ -212,7 +230,7 @@ class RouterService:
         errors: list[str] = []
         while True:
             try:
-                plan = await asyncio.to_thread(self.router.place, ids, chain, tried)
+                plan = await self._place(ids, chain, tried)
             except NoWorker as e:
                 self.router.counters.add("failed_no_worker")
                 detail = f" (after: {'; '.join(errors)})" if errors else ""
@@ -226,6 +244,20 @@ class RouterService:
             self.router.counters.add("retries")
             tried.append(plan.placement.worker_id)
             errors.append(f"{plan.placement.worker_id}: {attempt.died}")
+
+    async def _place(self, ids: list[int], chain: list, tried: list[str]) -> Plan:
+        """`Router.place` off the event loop. If the caller is cancelled meanwhile, the placement
+        still happens in its thread: it is then finished at once, so no in-flight count leaks."""
+        placing = asyncio.ensure_future(asyncio.to_thread(self.router.place, ids, chain, tried))
+        try:
+            return await asyncio.shield(placing)
+        except asyncio.CancelledError:
+            placing.add_done_callback(self._drop_placement)
+            raise
+
+    def _drop_placement(self, placing: asyncio.Future) -> None:
+        if not placing.cancelled() and placing.exception() is None:
+            self.router.finished(placing.result(), None)
 
     async def _forward(self, req: Request, attempt: _Attempt, *, stream: bool):
         """One try on the planned worker: its result, after its chunks when streaming. If the worker
@@ -252,8 +284,10 @@ class RouterService:
                 try:
                     out = await ref
                 except asyncio.CancelledError:
-                    ray.cancel(ref)  # the caller went away: the worker frees the request's blocks
+                    _cancel_quietly(ref)  # the caller went away: the worker frees the request's blocks
                     raise
+                if not out:
+                    raise ray.exceptions.RayActorError()  # its stream ended without a result
                 yield {"result": self._finish(plan, attempt, req, out)}
         except ray.exceptions.RayActorError as e:
             log.warning("worker %s failed during a request: %s", w, type(e).__name__)
@@ -344,11 +378,11 @@ class RouterService:
             "spec": self.spec.to_dict(),
             "redis_url": self.redis_url,
             "workers": list(self.handles),
-            "alive": sorted(self.router.alive) if self.router else [],
-            "policy": self.router.policy.name if self.router else self.spec.policy,
-            "fingerprint": self.router.fingerprint if self.router else None,
-            "block_size": self.router.block_size if self.router else self.spec.block_size,
-            "max_context": self.router.max_context if self.router else None,
+            "alive": sorted(self.router.alive),
+            "policy": self.router.policy.name,
+            "fingerprint": self.router.fingerprint,
+            "block_size": self.router.block_size,
+            "max_context": self.router.max_context,
         }
 
     async def local(self) -> dict:
@@ -487,10 +521,10 @@ def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
     return out
 
 
-def _cancel_quietly(gen) -> None:
-    """Cancel a worker stream whose consumer went away (the worker then frees the request's blocks)."""
+def _cancel_quietly(ref) -> None:
+    """Cancel a worker call or stream whose caller went away (the worker then frees the request's blocks)."""
     try:
-        ray.cancel(gen)
+        ray.cancel(ref)
     except Exception as e:  # already finished or the worker is gone: nothing left to free
         log.debug("cancel of a worker stream: %s", e)
 

@@ -107,8 +107,11 @@ def replica_for(prompt: str | Sequence[int], salt: str | None, block_size: int, 
     """The router replica that places a request: a hash of its salt (or tenant) and the start of its
     prompt, so one prefix meets one replica, whose in-flight counts then see its whole burst.
 
-    The start is the first `block_size` token ids, or characters of a text prompt: a token spans at
-    least one character, so text prompts that share a first block share these characters."""
+    The start is the first `block_size` token ids, or characters of a text prompt: in ordinary text a
+    token spans at least one character, so text prompts that share a first block share these
+    characters (text that tokenizes to several tokens per character, e.g. emoji under byte-level
+    BPE, can split one prefix over replicas: placement stays right, only less informed). The same
+    prompt sent as text (Python client) and as token ids (HTTP API) may meet different replicas."""
     if replicas <= 1 or not isinstance(prompt, (str, Sequence)):
         return 0  # a bad prompt: replica 0 says what is wrong with it
     head = prompt[:block_size]

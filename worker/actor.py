@@ -174,8 +174,8 @@ class WorkerService:
             timings[n] = best
         per_block = max(0.0, (timings[32] - timings[1]) / 31)
         overhead = max(0.0, timings[1] - per_block)
-        self.engine.costs = self.engine.costs.with_transfer(per_block, overhead)
-        return self.engine.costs.to_dict(self.engine.block_size)
+        costs = self.engine.update_costs(transfer_s_per_block=per_block, transfer_overhead_s=overhead)
+        return costs.to_dict(self.engine.block_size)
 
     # ---- introspection ------------------------------------------------------------
 

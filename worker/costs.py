@@ -3,7 +3,7 @@ with and the router scores placements with (the router imports this module, so n
 
 The terms are measured on the running worker, not assumed: prefill seconds per token and host ->
 device promotion seconds per block at start-up (a timed forward pass, a timed promotion through a
-TieredStore), transfer seconds per block plus a fixed per-fetch overhead by the actor layer (a
+TieredStore; the prefill is re-timed at a few idle moments after, keeping the minimum), transfer seconds per block plus a fixed per-fetch overhead by the actor layer (a
 timed round trip through Ray's object store). The defaults are what the router assumes of a worker
 whose measurements have not reached it yet. Fetching n blocks pays when
 

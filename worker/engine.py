@@ -124,6 +124,7 @@ class Engine:
         self._loop: threading.Thread | None = None
         self._stopping = False
         self._audits = 0  # audit recomputations queued, not finished
+        self._costs_lock = threading.Lock()  # `costs` is replaced whole, by one writer at a time
         self.costs = CostModel(
             prefill_s_per_token=self._measure_prefill(),
             promote_s_per_block=time_promotion(shape, device),
@@ -653,9 +654,17 @@ class Engine:
         if self._loop is None:
             raise RuntimeError("refine_prefill_cost needs the engine's step loop (Engine.start or on_own_thread)")
         measured = self._measure_prefill(rounds=1, warm_up=False)
-        if measured < self.costs.prefill_s_per_token:
-            self.costs = replace(self.costs, prefill_s_per_token=measured)
-        return self.costs.prefill_s_per_token
+        with self._costs_lock:
+            if measured < self.costs.prefill_s_per_token:
+                self.costs = replace(self.costs, prefill_s_per_token=measured)
+            return self.costs.prefill_s_per_token
+
+    def update_costs(self, **terms: float) -> CostModel:
+        """Set some cost terms; the rest stay (the actor's transfer calibration and the idle
+        re-timing run on different threads, and neither may undo the other)."""
+        with self._costs_lock:
+            self.costs = replace(self.costs, **terms)
+            return self.costs
 
     def _measure_prefill(self, rounds: int = 2, warm_up: bool = True) -> float:
         """Seconds per prefill token, timed on this device through the engine's own path (best of

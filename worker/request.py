@@ -9,6 +9,7 @@ caller of a batch: it comes back as a Result with `error` set and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -17,13 +18,13 @@ MAX_STOP_STRINGS = 16
 
 
 def stop_tuple(stop: Any) -> tuple[str, ...] | Any:
-    """`stop` as a Request holds it: one string or a list/tuple of them becomes a tuple; None is no
+    """`stop` as a Request holds it: one string or a sequence of them becomes a tuple; None is no
     stop; anything else is kept as is for `Request.problem` to name."""
     if stop is None:
         return ()
     if isinstance(stop, str):
         return (stop,)
-    return tuple(stop) if isinstance(stop, (list, tuple)) else stop
+    return tuple(stop) if isinstance(stop, Sequence) else stop
 
 
 @dataclass(frozen=True)

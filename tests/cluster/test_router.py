@@ -210,3 +210,34 @@ def test_measured_costs_are_rounded_so_equal_hardware_is_one_profile():
     assert router.costs["c"] != router.costs["a"]
     with router._lock:
         assert sorted(router._candidates(set())[1]) == [[0, 1], [2]]  # positions of a, b and of c
+
+
+def test_a_placement_whose_caller_went_away_is_finished(index, valkey):
+    """The router actor places in a thread; a caller cancelled meanwhile (a client that disconnected)
+    must not leave the request counted in flight on its worker, steering later placements."""
+    import asyncio
+    import threading
+
+    from cluster.router_actor import RouterService
+    from cluster.service import ServiceSpec
+
+    svc = RouterService(ServiceSpec().to_dict(), ["w0", "w1"], valkey.url)
+    svc.router = make_router(index)
+    release, place = threading.Event(), svc.router.place
+    svc.router.place = lambda *a: release.wait(5) and place(*a)  # a slow index round trip
+    ids, chain = svc.router.prepare(Request("The caller goes away while this is placed. " * 3))
+
+    async def cancel_mid_place():
+        task = asyncio.ensure_future(svc._place(ids, chain, []))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        for _ in range(250):
+            await asyncio.sleep(0.02)
+            if not svc.router.inflight:
+                return
+
+    asyncio.run(cancel_mid_place())
+    assert not svc.router.inflight and not svc.router._pending
