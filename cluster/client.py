@@ -20,7 +20,7 @@ import ray
 from cluster.http.server import start_http
 from cluster.launch import add_workers, start_service, stop_service
 from cluster.raylink import init_ray
-from cluster.service import ServiceSpec, find_router, find_routers, replica_for
+from cluster.service import ServiceSpec, find_router, find_routers, router_for
 from worker.actor import NAMESPACE
 from worker.request import Request, Result, stop_tuple
 from worker.sequence import Chunk
@@ -175,9 +175,7 @@ class Cluster:
                 yield pending.pop(ref), Result.from_dict(ray.get(ref))
 
     def _router_for(self, req: Request, tenant: str | None):
-        """The replica that places `req` (`replica_for`: one prefix, one replica)."""
-        salt = tenant if tenant is not None else req.cache_salt
-        return self._routers[replica_for(req.prompt, salt, self._config["block_size"], len(self._routers))]
+        return router_for(self._routers, req.prompt, tenant, req.cache_salt, self._config["block_size"])
 
     # ---- operations -----------------------------------------------------------------
 

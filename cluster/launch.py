@@ -28,6 +28,7 @@ from cluster.service import (
     redis_name,
     router_name,
     worker_ids,
+    worker_index,
 )
 from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
 
@@ -150,7 +151,7 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
     cfg = ray.get(router.config.remote())
     spec = ServiceSpec.from_dict(cfg["spec"])
     existing = cfg["workers"]
-    start = max(int(w.rsplit("-", 1)[1]) for w in existing) + 1
+    start = max(worker_index(w) for w in existing) + 1
     lifetime = "detached" if spec.detached else None
     handles = _start_workers(spec, cfg["redis_url"], worker_ids(n, start), lifetime)
     routers = find_routers(service, spec.routers)

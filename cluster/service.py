@@ -120,6 +120,14 @@ def replica_for(prompt: str | Sequence[int], salt: str | None, block_size: int, 
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % replicas
 
 
+def router_for(routers: Sequence, prompt, tenant: str | None, cache_salt: str | None, block_size: int):
+    """The replica (of `routers`, replica 0 first) that places a request: what the Python client and
+    the HTTP API both call. A tenant's requests are dealt by the tenant, the salt the router derives
+    from it being secret to the router."""
+    salt = tenant if tenant is not None else cache_salt
+    return routers[replica_for(prompt, salt, block_size, len(routers))]
+
+
 def redis_name(service: str) -> str:
     return f"{service}:redis"
 
@@ -128,14 +136,19 @@ def worker_ids(n: int, start: int = 0) -> list[str]:
     return [f"worker-{i}" for i in range(start, start + n)]
 
 
+def worker_index(worker_id: str) -> int | None:
+    """i of an id `worker_ids` made ("worker-<i>"), else None."""
+    m = re.fullmatch(r"worker-(\d+)", worker_id)
+    return int(m.group(1)) if m else None
+
+
 def running_worker_ids(service: str) -> list[str]:
     """The service's workers that Ray knows by name now, in start order: how a restarted router
     finds the workers added after its first start."""
     prefix = worker_actor_name(service, "")
     named = ray.util.list_named_actors(all_namespaces=True)  # an actor runs in its job's namespace
     found = [a["name"][len(prefix) :] for a in named if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)]
-    ids = [w for w in found if re.fullmatch(r"worker-\d+", w)]
-    return sorted(ids, key=lambda w: int(w.rsplit("-", 1)[1]))
+    return sorted((w for w in found if worker_index(w) is not None), key=worker_index)
 
 
 def find_router(service: str = CacheConfig.service, replica: int = 0):

@@ -34,7 +34,7 @@ from cluster.http.protocol import (
 )
 from cluster.http.responses import SSE_HEADERS, Responder
 from cluster.http.stream import RouterStream, sse_events
-from cluster.service import find_router, find_routers, replica_for
+from cluster.service import find_router, find_routers, router_for
 from worker.models import load_tokenizer
 from worker.request import Request
 
@@ -155,9 +155,7 @@ class Ingress:
         return req.to_dict()
 
     def _router_for(self, req: dict[str, Any], tenant: str | None):
-        """The replica that places `req` (`replica_for`: one prefix, one replica)."""
-        salt = tenant if tenant is not None else req.get("cache_salt")
-        return self.routers[replica_for(req["prompt"], salt, self.block_size, len(self.routers))]
+        return router_for(self.routers, req["prompt"], tenant, req.get("cache_salt"), self.block_size)
 
     async def _generate(self, req: dict[str, Any], tenant: str | None) -> dict[str, Any]:
         ref = self._router_for(req, tenant).generate.remote(req, tenant)
