@@ -366,6 +366,21 @@ class TieredStore:
                     return h
             return None
 
+    def clear(self) -> int:
+        """Drop every cached block nothing pins, in both tiers (benchmarks start cold with it; a
+        running request's blocks and `pin_prefix` pins stay). Returns blocks dropped."""
+        with self._lock:
+            dropped = 0
+            while True:
+                victims = {tier: self.tree.victims(tier, len(self.tree), spill=False) for tier in (HOST, DEVICE)}
+                if not any(victims.values()):
+                    break
+                for tier, refs in victims.items():
+                    self._drop(tier, refs)
+                    dropped += len(refs)
+            self._publish()
+            return dropped
+
     def set_priority(self, hashes: Sequence[BlockHash], priority: int) -> None:
         """Eviction priority of cached blocks (used by the 'priority' policy; higher stays longer)."""
         with self._lock:

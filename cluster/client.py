@@ -111,12 +111,17 @@ class Cluster:
         cache_salt: str | None = None,
         *,
         tenant: str | None = None,
+        ignore_eos: bool = Request.ignore_eos,
+        min_tokens: int = Request.min_tokens,
     ) -> list[Result]:
         """One Result per prompt, in order; a bad prompt gets a Result with `error` set."""
         if isinstance(prompts, str):
             prompts = [prompts]
         stops = stop_tuple(stop)
-        reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
+        extra = {"ignore_eos": ignore_eos, "min_tokens": min_tokens}
+        reqs = [
+            Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt, **extra) for p in prompts
+        ]
         return self.run(reqs, tenant=tenant)
 
     def stream(
@@ -131,11 +136,14 @@ class Cluster:
         cache_salt: str | None = None,
         *,
         tenant: str | None = None,
+        ignore_eos: bool = Request.ignore_eos,
+        min_tokens: int = Request.min_tokens,
     ) -> Iterator[Chunk]:
         """Chunks of text (with their token ids) as the worker generates them; the last chunk carries
         the Result (`chunk.result`). Closing the iterator early cancels the request."""
         stops = stop_tuple(stop)
-        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt)
+        extra = {"ignore_eos": ignore_eos, "min_tokens": min_tokens}
+        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt, **extra)
         gen = self._router_for(req, tenant).stream.options(num_returns="streaming").remote(req.to_dict(), tenant)
         finished = False
         try:

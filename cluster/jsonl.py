@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterator
 from typing import IO, Any, NamedTuple
 
-from worker.request import Request, Result
+from worker.request import ErrorKind, Request, Result
 
 MAX_LINE_BYTES = 4 << 20
 # A Ray Job's log is the only output its submitter can read back (status and submit-time metadata
@@ -74,7 +74,7 @@ def result_record(number: int, result: Result) -> dict[str, Any]:
 
 
 def error_record(number: int, error: str, id: str | None = None) -> dict[str, Any]:
-    return {"line": number, **Result.failed(error, id=id).to_dict()}
+    return {"line": number, **Result.failed(error, ErrorKind.BAD_REQUEST, id=id).to_dict()}
 
 
 def dumps(record: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ from cache_store.counter_names import (
 )
 from cluster.policies import Placement, PlacementInput, Policy
 from worker.costs import DEFAULT_COSTS, CostModel
-from worker.request import Request, prompt_ids_problem
+from worker.request import ErrorKind, Problem, Request, prompt_ids_problem
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
 
@@ -110,11 +110,11 @@ class Router:
 
     # ---- planning --------------------------------------------------------------
 
-    def prepare(self, req: Request) -> tuple[list[int], list[BlockHash]] | str:
+    def prepare(self, req: Request) -> tuple[list[int], list[BlockHash]] | Problem:
         """Token ids and block chain of a request, or what is wrong with it."""
-        problem = req.problem()
-        if problem:
-            return problem
+        message = req.problem()
+        if message:
+            return Problem(ErrorKind.BAD_REQUEST, message)
         ids = list(self.tokenizer(req.prompt)["input_ids"]) if isinstance(req.prompt, str) else list(req.prompt)
         problem = prompt_ids_problem(ids, req.max_new_tokens, self.vocab_size, self.max_context)
         if problem:

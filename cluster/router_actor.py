@@ -35,7 +35,7 @@ from cluster.stats import summarize
 from worker.actor import NAMESPACE, worker_actor_name
 from worker.costs import CostModel
 from worker.models import load_tokenizer
-from worker.request import Request, Result
+from worker.request import ErrorKind, Problem, Request, Result
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
@@ -221,9 +221,9 @@ class RouterService:
             return
         req = req_or_problem
         prepared = await asyncio.to_thread(self.router.prepare, req)
-        if isinstance(prepared, str):
+        if isinstance(prepared, Problem):
             self.router.counters.add("rejected")
-            yield {"result": Result.failed(prepared, id=req.id).to_dict()}
+            yield {"result": Result.refused(prepared, id=req.id).to_dict()}
             return
         ids, chain = prepared
         tried: list[str] = []
@@ -234,7 +234,11 @@ class RouterService:
             except NoWorker as e:
                 self.router.counters.add("failed_no_worker")
                 detail = f" (after: {'; '.join(errors)})" if errors else ""
-                yield {"result": Result.failed(f"{e}{detail}", id=req.id, prompt_tokens=len(ids)).to_dict()}
+                yield {
+                    "result": Result.failed(
+                        f"{e}{detail}", ErrorKind.UNAVAILABLE, id=req.id, prompt_tokens=len(ids)
+                    ).to_dict()
+                }
                 return
             attempt = _Attempt(plan, len(tried) + 1)
             async for item in self._forward(req, attempt, stream=stream):
@@ -296,10 +300,17 @@ class RouterService:
                 attempt.died = type(e).__name__
                 return
             error = f"worker {w} died after streaming {attempt.streamed} chunk(s); resend the request"
-            yield {"result": Result.failed(error, id=req.id, worker_id=w, prompt_tokens=len(plan.token_ids)).to_dict()}
+            failed = Result.failed(
+                error, ErrorKind.UNAVAILABLE, id=req.id, worker_id=w, prompt_tokens=len(plan.token_ids)
+            )
+            yield {"result": failed.to_dict()}
         except ray.exceptions.RayTaskError as e:
             self.router.counters.add("worker_errors")
-            yield {"result": Result.failed(f"internal error on {w}: {e}", id=req.id, worker_id=w).to_dict()}
+            yield {
+                "result": Result.failed(
+                    f"internal error on {w}: {e}", ErrorKind.INTERNAL, id=req.id, worker_id=w
+                ).to_dict()
+            }
         finally:
             self.router.finished(plan, attempt.latency)
 
@@ -339,11 +350,11 @@ class RouterService:
             req = Request.from_dict(request)
         except (TypeError, ValueError) as e:
             rid = request.get("id") if isinstance(request, dict) else None
-            return Result.failed(f"bad request: {e}", id=rid).to_dict()
+            return Result.failed(f"bad request: {e}", ErrorKind.BAD_REQUEST, id=rid).to_dict()
         problem = self._tenant_problem(req, tenant)
         if problem:
             self.router.counters.add("rejected")
-            return Result.failed(problem, id=req.id).to_dict()
+            return Result.failed(problem, ErrorKind.BAD_REQUEST, id=req.id).to_dict()
         return self._salt_for_tenant(req, tenant) if tenant is not None else req
 
     def _tenant_problem(self, req: Request, tenant: str | None) -> str | None:

@@ -33,7 +33,7 @@ from worker.config import EngineConfig
 from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model, resolve_dtype
 from worker.ray_metrics import RayMetrics
-from worker.request import Request, Result
+from worker.request import ErrorKind, Request, Result
 from worker.sequence import Chunk
 from worker.transfer import BadTransfer, pack_blocks, unpack_blocks
 
@@ -112,7 +112,11 @@ class WorkerService:
             try:
                 req = Request.from_dict(request)
             except (TypeError, ValueError) as e:
-                yield {"result": Result.failed(f"bad request: {e}", worker_id=self.worker_id).to_dict()}
+                yield {
+                    "result": Result.failed(
+                        f"bad request: {e}", ErrorKind.BAD_REQUEST, worker_id=self.worker_id
+                    ).to_dict()
+                }
                 return
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -204,6 +208,10 @@ class WorkerService:
     async def pin_prefix(self, token_ids: list[int], cache_salt: str | None = None) -> int:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._side_thread, self.engine.pin_prefix, token_ids, cache_salt)
+
+    async def reset_prefix_cache(self) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._side_thread, self.engine.reset_prefix_cache)
 
     async def flush(self) -> bool:
         """Heartbeat now (publishes counters); True if the index took it."""

@@ -62,7 +62,7 @@ from worker.models import LoadedModel, fingerprint, load_model, resolve_device, 
 from worker.output import Detokenizer, build_result, cut_at_stop
 from worker.paged_attention import ATTN_NAME
 from worker.peer import PeerFetcher, PeerFetchError, PeerHint, fetch_prefix
-from worker.request import Request, Result, prompt_ids_problem, stop_tuple
+from worker.request import ErrorKind, Problem, Request, Result, prompt_ids_problem, stop_tuple
 from worker.sampling import make_generator, next_token
 from worker.scheduler import Scheduler
 from worker.sequence import Chunk, Status
@@ -118,6 +118,8 @@ class Engine:
             self.model, self.store.device_pool.data, self.block_size, device, self.config.attention
         )
         self.detok = Detokenizer(self.tokenizer)
+        # end-of-sequence ids, masked while a request is below its min_tokens
+        self._eos_list = torch.tensor(sorted(loaded.eos_ids), dtype=torch.long, device=device)
         self._step_lock = threading.RLock()
         self._inbox: collections.deque[Seq] = collections.deque()
         self._wake = threading.Event()
@@ -197,13 +199,29 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         cache_salt: str | None = None,
+        ignore_eos: bool = Request.ignore_eos,
+        min_tokens: int = Request.min_tokens,
     ) -> list[Result]:
         """One Result per prompt, in order; all prompts run concurrently. A bad prompt gets a Result
         with `error`; the rest still run."""
         if isinstance(prompts, str):
             prompts = [prompts]
         stops = stop_tuple(stop)
-        reqs = [Request(p, max_new_tokens, temperature, top_p, top_k, seed, stops, cache_salt) for p in prompts]
+        reqs = [
+            Request(
+                p,
+                max_new_tokens,
+                temperature,
+                top_p,
+                top_k,
+                seed,
+                stops,
+                cache_salt,
+                ignore_eos=ignore_eos,
+                min_tokens=min_tokens,
+            )
+            for p in prompts
+        ]
         seqs = [self.submit(r) for r in reqs]
         return [s if isinstance(s, Result) else self.wait(s) for s in seqs]
 
@@ -217,10 +235,23 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         cache_salt: str | None = None,
+        ignore_eos: bool = Request.ignore_eos,
+        min_tokens: int = Request.min_tokens,
     ) -> Iterator[Chunk]:
         """Chunks of text (and their token ids) as they are generated; the last carries the Result.
         Stopping the iteration cancels the request and frees its blocks."""
-        req = Request(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop_tuple(stop), cache_salt)
+        req = Request(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            stop_tuple(stop),
+            cache_salt,
+            ignore_eos=ignore_eos,
+            min_tokens=min_tokens,
+        )
         return self.stream_request(req)
 
     def stream_request(self, req: Request, **submit_kw) -> Iterator[Chunk]:
@@ -271,13 +302,14 @@ class Engine:
         (perf_counter). `sink` is called with each Chunk from the stepping thread. A peer fetch the
         router suggested in `hint` happens here, in the caller's thread, not in the step loop."""
         t0 = arrived if arrived is not None else time.perf_counter()
-        problem = req.problem()
+        message = req.problem()
         ids: list[int] = []
+        problem = None if message is None else Problem(ErrorKind.BAD_REQUEST, message)
         if problem is None:
             ids, problem = self._prompt_ids(req, token_ids)
         if problem is not None:
             self.counters.add("rejected_requests")
-            return Result.failed(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
+            return Result.refused(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
         audit = use_cache and store and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
         seq = Seq(
             req,
@@ -364,6 +396,11 @@ class Engine:
         """KV of the leading run of `hashes` held here (for a peer)."""
         return self.store.export(list(hashes))
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached block no request or pin holds (benchmarks that must start cold);
+        returns blocks dropped. Requests in flight keep their blocks and stay exact."""
+        return self.store.clear()
+
     def pin_prefix(self, prompt: str | Sequence[int], cache_salt: str | None = None) -> int:
         """Keep a cached prompt prefix (e.g. a system prompt) from ever being evicted. Returns tokens pinned."""
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
@@ -437,7 +474,7 @@ class Engine:
             self._loop.join(timeout=30)
             self._loop = None
         with self._step_lock:
-            self._fail_all("the worker is shutting down; resend the request")
+            self._fail_all("the worker is shutting down; resend the request", ErrorKind.SHUTTING_DOWN)
         if self.keeper is not None:
             self.keeper.stop()
         if self.index is not None:
@@ -455,13 +492,13 @@ class Engine:
             except Exception as e:  # a bug: fail what was in flight, keep the loop (and the worker) alive
                 log.exception("engine step failed")
                 with self._step_lock:
-                    self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}")
+                    self._fail_all(f"internal error in the engine: {type(e).__name__}: {e}", ErrorKind.INTERNAL)
 
-    def _fail_all(self, error: str) -> None:
+    def _fail_all(self, error: str, kind: ErrorKind) -> None:
         """(Step lock held.) Fail every request the engine holds."""
         self._reap()
         for seq in [*self.scheduler.running, *self.scheduler.waiting]:
-            self._fail(seq, error)
+            self._fail(seq, error, kind)
 
     def _advance(self, seq: Seq) -> None:
         """Make progress towards seq's completion: step here, or wait for the loop to."""
@@ -483,17 +520,37 @@ class Engine:
                 return bool(plan.preempted) or self._unblock()
             try:
                 logits, sampled = self.runner.run(plan.batch)
-            except Exception as e:  # a bug or a device error: fail this batch's requests, keep serving
+            except Exception as e:  # a bug or a device error: find whose it is, keep serving the rest
                 log.exception("forward failed")
-                for seq, _ in plan.batch:
-                    self._fail(seq, f"the model's forward pass failed: {type(e).__name__}: {e}")
-                return True
-            for seq, n in plan.batch:
+                batch, logits, sampled = self._forward_alone(plan.batch, e)
+            else:
+                batch = plan.batch
+            for seq, n in batch:
                 self.blocks.commit(seq, n)
                 self.scheduler.committed(seq)
             for seq, row in zip(sampled, logits):
                 self._sample(seq, row)
             return True
+
+    def _forward_alone(self, batch, error: Exception):
+        """A batch's forward failed: run each request's part on its own and fail only those whose
+        own forward fails too (with a server error: every request passed its checks). Repeating is
+        safe: a forward writes KV only into the slots of the tokens it feeds, which nothing has read
+        yet. Returns the parts that ran, their logits rows and the requests those rows sample."""
+        if len(batch) == 1:
+            self._fail(batch[0][0], _forward_failed(error), ErrorKind.INTERNAL)
+            return [], [], []
+        ran, rows, sampled = [], [], []
+        for seq, n in batch:
+            try:
+                logits, got = self.runner.run([(seq, n)])
+            except Exception as e:
+                self._fail(seq, _forward_failed(e), ErrorKind.INTERNAL)
+                continue
+            ran.append((seq, n))
+            rows += list(logits)
+            sampled += got
+        return ran, rows, sampled
 
     def _reap(self) -> None:
         """Move new requests in; drop cancelled ones (blocks freed)."""
@@ -521,21 +578,35 @@ class Engine:
             seq,
             f"this request needs {need} KV blocks of {self.block_size} tokens at once and the device cache "
             f"can free only {self.store.room()}; shorten the prompt or raise --device-cache-gb",
+            ErrorKind.CONTEXT_EXCEEDED,
         )
         return True
 
     def _sample(self, seq: Seq, logits: torch.Tensor) -> None:
+        """Choose seq's next token and emit what it adds. A failure here (its sampling, its stop
+        strings, its detokenizing, its sink) is this request's alone: it fails, the batch goes on."""
+        try:
+            self._sample_one(seq, logits)
+        except Exception as e:
+            log.exception("request %s failed after its forward", seq.req.id)
+            if not seq.done.is_set():
+                self._fail(seq, f"internal error in the engine: {type(e).__name__}: {e}", ErrorKind.INTERNAL)
+
+    def _sample_one(self, seq: Seq, logits: torch.Tensor) -> None:
         if seq.capture_logits and seq.prompt_logits is None:
             seq.prompt_logits = logits.detach().float().cpu()
         req = seq.req
         if req.max_new_tokens == 0:
             return self._end(seq, "length")
+        early = len(seq.out) < req.min_tokens
+        if early and len(self._eos_list):
+            logits = logits.index_fill(0, self._eos_list, float("-inf"))
         tok = next_token(logits, req.temperature, req.top_k, req.top_p, seq.generator)
         seq.out.append(tok)
         seq.mark_first_token()
-        if tok in self.loaded.eos_ids:
+        if tok in self.loaded.eos_ids and not req.ignore_eos and not early:
             return self._end(seq, "eos")
-        if req.stop and self.detok.stop_hit(seq):
+        if req.stop and not early and self.detok.stop_hit(seq):
             return self._end(seq, "stop")
         if len(seq.out) >= req.max_new_tokens:
             return self._end(seq, "length")
@@ -548,12 +619,12 @@ class Engine:
         self.scheduler.finish(seq)
         self._finish(seq, reason, released=True)
 
-    def _fail(self, seq: Seq, error: str) -> None:
+    def _fail(self, seq: Seq, error: str, kind: ErrorKind) -> None:
         if seq.status is Status.RUNNING:
             self.scheduler.finish(seq)
         else:
             self.scheduler.drop_waiting(seq)
-        seq.result = Result.failed(error, id=seq.req.id, worker_id=self.worker_id, prompt_tokens=len(seq.prompt))
+        seq.result = Result.failed(error, kind, id=seq.req.id, worker_id=self.worker_id, prompt_tokens=len(seq.prompt))
         self.counters.add("failed_requests")
         seq.emit(Chunk("", (), seq.result))
         seq.done.set()
@@ -579,7 +650,7 @@ class Engine:
 
     # ---- request path helpers ------------------------------------------------------
 
-    def _prompt_ids(self, req: Request, token_ids: Sequence[int] | None) -> tuple[list[int], str | None]:
+    def _prompt_ids(self, req: Request, token_ids: Sequence[int] | None) -> tuple[list[int], Problem | None]:
         if token_ids is not None:
             ids = list(token_ids)
         elif isinstance(req.prompt, str):
@@ -592,9 +663,10 @@ class Engine:
         total = len(ids) + req.max_new_tokens
         blocks = -(-total // self.block_size)
         if blocks > self.store.device_pool.capacity:
-            return ids, (
+            return ids, Problem(
+                ErrorKind.CONTEXT_EXCEEDED,
                 f"prompt ({len(ids)} tokens) plus max_new_tokens ({req.max_new_tokens}) needs {blocks} KV blocks and "
-                f"the device cache holds {self.store.device_pool.capacity}; shorten the request or raise --device-cache-gb"
+                f"the device cache holds {self.store.device_pool.capacity}; shorten the request or raise --device-cache-gb",
             )
         return ids, None
 
@@ -687,3 +759,7 @@ class Engine:
             if i >= warm_up:
                 best = min(best, time.perf_counter() - t)
         return best / n
+
+
+def _forward_failed(error: Exception) -> str:
+    return f"the model's forward pass failed: {type(error).__name__}: {error}"

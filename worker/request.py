@@ -8,13 +8,33 @@ caller of a batch: it comes back as a Result with `error` set and
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_SALT_CHARS = 256
 MAX_STOP_STRINGS = 16
+
+
+class ErrorKind(str, enum.Enum):
+    """What kind of failure a Result is, set where the failure is created. Callers branch on the
+    kind (HTTP status, retries), never on the message, which is for people."""
+
+    BAD_REQUEST = "bad_request"  # the request itself is wrong: the message says what to change
+    CONTEXT_EXCEEDED = "context_exceeded"  # too long for the model's context or this worker's KV memory
+    UNAVAILABLE = "unavailable"  # no live worker, or the one serving it died: resend later
+    SHUTTING_DOWN = "shutting_down"  # the worker is stopping: resend (another worker takes it)
+    INTERNAL = "internal"  # a fault of the service (a bug, a device error), not of the request
+    CANCELLED = "cancelled"  # the caller went away
+
+
+class Problem(NamedTuple):
+    """Why a request cannot be served, found before it runs."""
+
+    kind: ErrorKind
+    message: str
 
 
 def stop_tuple(stop: Any) -> tuple[str, ...] | Any:
@@ -40,6 +60,8 @@ class Request:
     stop: tuple[str, ...] = ()
     cache_salt: str | None = None
     id: str | None = None
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (fixed output lengths)
+    min_tokens: int = 0  # end-of-sequence tokens and stop strings cannot end the output before this
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Request:
@@ -91,6 +113,12 @@ class Request:
                 return f"cache_salt must be null or a non-empty string of at most {MAX_SALT_CHARS} characters"
         if self.id is not None and not isinstance(self.id, str):
             return f"id must be a string, got {type(self.id).__name__}"
+        if not isinstance(self.ignore_eos, bool):
+            return f"ignore_eos must be true or false, got {self.ignore_eos!r}"
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            return (
+                f"min_tokens must be an integer in [0, max_new_tokens={self.max_new_tokens}], got {self.min_tokens!r}"
+            )
         return None
 
 
@@ -112,6 +140,7 @@ class Result:
     cached_host_tokens: int = 0
     cached_peer_tokens: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = None  # set with `error`
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -119,33 +148,46 @@ class Result:
         return self.error is None
 
     @classmethod
-    def failed(cls, error: str, *, id: str | None = None, worker_id: str = "", prompt_tokens: int = 0) -> Result:
-        return cls("", (), prompt_tokens, 0, worker_id, 0.0, id=id, finish_reason="error", error=error)
+    def failed(
+        cls, error: str, kind: ErrorKind, *, id: str | None = None, worker_id: str = "", prompt_tokens: int = 0
+    ) -> Result:
+        return cls("", (), prompt_tokens, 0, worker_id, 0.0, id=id, finish_reason="error", error=error, error_kind=kind)
+
+    @classmethod
+    def refused(cls, problem: Problem, *, id: str | None = None, worker_id: str = "", prompt_tokens: int = 0) -> Result:
+        return cls.failed(problem.message, problem.kind, id=id, worker_id=worker_id, prompt_tokens=prompt_tokens)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["token_ids"] = list(self.token_ids)
+        d["error_kind"] = None if self.error_kind is None else self.error_kind.value
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Result:
         d = dict(d)
         d["token_ids"] = tuple(d.get("token_ids", ()))
+        kind = d.get("error_kind")
+        d["error_kind"] = None if kind is None else ErrorKind(kind)
         return cls(**d)
 
 
-def prompt_ids_problem(ids: list[int], max_new_tokens: int, vocab_size: int, max_context: int) -> str | None:
+def prompt_ids_problem(ids: list[int], max_new_tokens: int, vocab_size: int, max_context: int) -> Problem | None:
     """What is wrong with a tokenized prompt for this model (the router and the engine both ask)."""
     if not ids:
-        return "prompt tokenizes to no tokens; send some text"
+        return Problem(ErrorKind.BAD_REQUEST, "prompt tokenizes to no tokens; send some text")
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
-        return f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); send ids below {vocab_size}"
+        return Problem(
+            ErrorKind.BAD_REQUEST,
+            f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); send ids below {vocab_size}",
+        )
     total = len(ids) + max_new_tokens
     if total > max_context:
-        return (
+        return Problem(
+            ErrorKind.CONTEXT_EXCEEDED,
             f"prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: {total} exceeds the model "
-            f"context of {max_context}; shorten the prompt or lower max_new_tokens"
+            f"context of {max_context}; shorten the prompt or lower max_new_tokens",
         )
     return None
 

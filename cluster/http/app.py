@@ -167,7 +167,7 @@ class Ingress:
         except ray.exceptions.RayActorError as e:
             raise unavailable_error(f"the router is not running ({type(e).__name__}); retry shortly") from None
         if out.get("error"):
-            raise from_result(out["error"])
+            raise from_result(out)
         return out
 
     async def _stream(self, req: dict[str, Any], tenant: str | None, parsed: Parsed, responder: Responder):
@@ -182,6 +182,6 @@ class Ingress:
             stream.cancel()
             raise
         if "result" in first and first["result"].get("error"):
-            raise from_result(first["result"]["error"])
+            raise from_result(first["result"])
         events = sse_events(stream, first, parsed.chat, parsed.include_usage, responder)
         return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)

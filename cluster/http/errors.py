@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker.request import ErrorKind
+
 INVALID = "invalid_request_error"
 
 
@@ -62,22 +64,20 @@ def context_exceeded(prompt_tokens: int, max_tokens: int, context: int, param: s
     )
 
 
-# What the router says when a request fails, and the HTTP status that failure is. The messages come
-# from cluster.router (NoWorker, prepare) and cluster.router_actor; anything else is the request's fault.
-_ROUTER_FAILURES = (
-    ("no live worker", 503),
-    ("internal error on", 500),
-    ("died after streaming", 502),
-)
+# The HTTP status and OpenAI error type of each failure kind (worker.request.ErrorKind); the message
+# stays for people. A result without a kind is a server fault: nothing should make one.
+_BY_KIND: dict[ErrorKind, tuple[int, str, str | None]] = {
+    ErrorKind.BAD_REQUEST: (400, INVALID, None),
+    ErrorKind.CONTEXT_EXCEEDED: (400, INVALID, "context_length_exceeded"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable", "no_live_worker"),
+    ErrorKind.SHUTTING_DOWN: (503, "service_unavailable", "shutting_down"),
+    ErrorKind.INTERNAL: (500, "server_error", None),
+    ErrorKind.CANCELLED: (499, "cancelled", None),
+}
 
 
-def from_result(error: str) -> APIError:
-    """The APIError for a Result whose `error` is set."""
-    for marker, status in _ROUTER_FAILURES:
-        if marker in error:
-            if status == 503:
-                return unavailable(error)
-            return APIError(status, error, type="server_error")
-    if "exceeds the model context" in error:
-        return bad_request(error, code="context_length_exceeded")
-    return bad_request(error)
+def from_result(result: dict[str, Any]) -> APIError:
+    """The APIError for a Result dict whose `error` is set, by its `error_kind`."""
+    kind = result.get("error_kind")
+    status, type_, code = _BY_KIND.get(ErrorKind(kind) if kind else ErrorKind.INTERNAL, _BY_KIND[ErrorKind.INTERNAL])
+    return APIError(status, result["error"], type=type_, code=code)

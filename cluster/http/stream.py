@@ -48,7 +48,7 @@ async def sse_events(stream: RouterStream, item: dict[str, Any], chat: bool, usa
             if "result" in item:
                 result = item["result"]
                 if result.get("error"):  # after text was sent: the status line is gone, say it in the stream
-                    yield sse(from_result(result["error"]).body())
+                    yield sse(from_result(result).body())
                 else:
                     yield responder.chunk(None, finish_reason(result), with_usage=usage)
                     if usage:

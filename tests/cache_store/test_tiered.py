@@ -197,3 +197,19 @@ TestStoreMachine.settings = settings(max_examples=60, stateful_step_count=30, de
 
 def test_time_promotion_times_one_host_to_device_promotion():
     assert 0 < time_promotion(SHAPE, "cpu") < 1  # raises if the block was not promoted from host
+
+
+def test_clear_drops_every_unpinned_block_in_both_tiers_and_keeps_held_ones():
+    store = make_store(4, 8)
+    for base in (0, 100, 200, 300):
+        serve(store, [base + i for i in range(8)])  # 8 blocks: 4 on device, 4 spilled to host
+    held_hashes, held_blocks = chain([300 + i for i in range(8)])
+    hold = store.acquire(held_hashes, held_blocks)
+    assert store.stats().host.blocks > 0
+    dropped = store.clear()
+    s = store.stats()
+    assert dropped == 6 and (s.device.blocks, s.host.blocks) == (2, 0)
+    assert store.lookup(held_hashes, held_blocks) == 2
+    store.release(hold)
+    assert store.clear() == 2 and store.stats().device.blocks == 0
+    store.check_invariants()

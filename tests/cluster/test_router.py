@@ -7,7 +7,7 @@ from cluster.policies import CacheAware, RoundRobin
 from cluster.router import NoWorker, Router
 from worker.costs import CostModel
 from worker.demo_model import demo_tokenizer
-from worker.request import Request
+from worker.request import ErrorKind, Request
 
 FP = "f" * 32
 
@@ -44,9 +44,13 @@ def test_prepare_tokenizes_and_rejects_bad_requests(index):
     router = make_router(index)
     ids, chain = router.prepare(Request("x" * 40))
     assert ids == [ord("x")] * 40 and len(chain) == 2
-    assert "outside the vocabulary" in router.prepare(Request([1, 999]))
-    assert "exceeds the model context" in router.prepare(Request("x" * 8000, max_new_tokens=500))
-    assert "empty or whitespace" in router.prepare(Request("  "))
+    for req, kind, words in [
+        (Request([1, 999]), ErrorKind.BAD_REQUEST, "outside the vocabulary"),
+        (Request("x" * 8000, max_new_tokens=500), ErrorKind.CONTEXT_EXCEEDED, "exceeds the model context"),
+        (Request("  "), ErrorKind.BAD_REQUEST, "empty or whitespace"),
+    ]:
+        problem = router.prepare(req)
+        assert problem.kind is kind and words in problem.message, problem
 
 
 def test_places_on_the_holder_and_salt_changes_the_chain(index):

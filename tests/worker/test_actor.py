@@ -126,7 +126,7 @@ def test_chunks_waiting_behind_one_go_out_as_one_message():
     import asyncio
 
     from worker.actor import ready_chunks
-    from worker.request import Result
+    from worker.request import ErrorKind, Result
     from worker.sequence import Chunk
 
     async def drain(items):
@@ -135,7 +135,7 @@ def test_chunks_waiting_behind_one_go_out_as_one_message():
             q.put_nowait(c)
         return ready_chunks(items[0], q), q.qsize()
 
-    done = Chunk("", (), Result.failed("x"))
+    done = Chunk("", (), Result.failed("x", ErrorKind.INTERNAL))
     pieces = [Chunk("a", (1,)), Chunk("bc", (2, 3)), Chunk("d", (4,))]
     out, left = asyncio.run(drain([*pieces, done, Chunk("late", (9,))]))
     assert out == [Chunk("abcd", (1, 2, 3, 4)), done] and left == 1  # nothing after the result is taken
