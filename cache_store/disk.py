@@ -485,6 +485,11 @@ class DiskTier:
             iov_max = 1024
         return max(1, (iov_max if iov_max > 0 else 1024) // 3)
 
+    def idle(self) -> bool:
+        """No write queued or in flight (failed ones aside)."""
+        with self._lock:
+            return not self._queue and not self._pending.keys() - self._failed_slots
+
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until the queue is written (True) or `timeout_s` passed (False)."""
         deadline = time.monotonic() + timeout_s

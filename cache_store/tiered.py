@@ -638,34 +638,57 @@ class TieredStore:
 
     def _recover(self) -> None:
         """Rebuild the tree from the disk tier's slot headers (payloads are checked when read). A
-        block whose parent is not on disk could never be matched: its slot is freed."""
+        block whose chain does not reach a first block on disk could never be matched: its slot
+        is freed."""
         headers = {h.hash: h for h in self.disk.recover()}
-        placed: set[BlockHash] = set()
+        usable: dict[BlockHash, bool] = {}
         orphans: list[int] = []
         for head in sorted(headers.values(), key=lambda x: x.seq):
-            chain = []
-            cur = head
-            while cur is not None and cur.hash not in placed:
+            chain, seen, cur = [], set(), head
+            while True:  # up to a block already judged, a first block, or a missing (or looping) parent
+                if cur.hash in usable:
+                    ok = usable[cur.hash]
+                    break
                 chain.append(cur)
-                cur = None if cur.parent is None else headers.get(cur.parent)
-                if cur is None and chain[-1].parent is not None and chain[-1].parent not in placed:
-                    break  # the chain's top has no parent on disk
-            else:
-                for node in reversed(chain):
+                seen.add(cur.hash)
+                if cur.parent is None:
+                    ok = True
+                    break
+                cur = headers.get(cur.parent)
+                if cur is None or cur.hash in seen:
+                    ok = False
+                    break
+            for node in reversed(chain):  # parents first
+                usable[node.hash] = ok
+                if ok:
                     self.tree.insert(node.parent, node.hash, node.tokens, DISK, node.slot)
-                    placed.add(node.hash)
-                continue
-            for node in chain:
-                orphans.append(node.slot)
-                headers.pop(node.hash, None)
+                else:
+                    orphans.append(node.slot)
         if orphans:
             self.disk.free(orphans)
-        self.counters.add(cn.DISK_RECOVERED_BLOCKS, len(placed))
+        self.counters.add(cn.DISK_RECOVERED_BLOCKS, len(headers) - len(orphans))
         self.counters.add(cn.DISK_IGNORED_SLOTS, len(orphans))
 
+    def flush_disk(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every block in memory has its disk copy written (True), or `timeout_s` passed
+        (False: the writer is behind, or the disk has no room the policy can free)."""
+        if self.disk is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:  # the pump moves blocks from the backlog to the queue under this lock
+                if not self._unsaved and self.disk.idle():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            self.disk.wake()
+            time.sleep(0.002)
+
     def close(self, timeout_s: float = 10.0) -> None:
-        """Finish queued disk writes (up to `timeout_s`) and release the disk directory."""
+        """Write what is not on disk yet (up to `timeout_s`), then release the disk directory. A
+        worker killed instead loses only the blocks whose copies were not written yet."""
         if self.disk is not None:
+            self.flush_disk(timeout_s)
             self.disk.close(timeout_s)
 
     # ---- operator controls -------------------------------------------------
@@ -814,10 +837,7 @@ class TieredStore:
             self._demote_host(self.tree.victims(HOST, need, spill=True))
             need = k - self.host_pool.free_count
         if need > 0:
-            victims = self.tree.victims(HOST, need, spill=False)
-            if self.disk is not None:  # demotion stalled (writer saturated or disk all pinned): lost unwritten
-                self.counters.add(cn.DISK_WRITES_DROPPED, sum(self.tree.disk_slot(v.hash) == NO_SLOT for v in victims))
-            self._drop(HOST, victims)
+            self._drop(HOST, self.tree.victims(HOST, need, spill=False))
         return min(k, self.host_pool.free_count)
 
     def _drop(self, tier: Tier, victims: list[BlockRef]) -> None:
@@ -841,6 +861,8 @@ class TieredStore:
         (self.device_pool if tier == DEVICE else self.host_pool).free(gone)
         self.counters.add(dropped_blocks(tier), len(gone) - to_disk)
         self.counters.add("spilled_blocks", to_disk)
+        if self.disk is not None:  # the writer was behind (or the disk all pinned): lost unwritten
+            self.counters.add(cn.DISK_WRITES_DROPPED, len(gone) - to_disk)
 
 
 def time_promotion(shape: KVShape, device: torch.device | str, rounds: int = 3) -> float:
