@@ -7,16 +7,17 @@ dashboard) never loads torch.
 
 import importlib
 
-from cache_store.config import DEVICE_CACHE_GB, GIB, HOST_CACHE_GB, CacheConfig
+from cache_store.config import DEVICE_CACHE_GB, DISK_CACHE_GB, GIB, HOST_CACHE_GB, CacheConfig
 from cache_store.counters import Counters
 from cache_store.embedded import EmbeddedRedis
 from cache_store.errors import CacheStoreError, ConfigError, Fenced, IndexAuthError, IndexUnavailable, PoolExhausted
 from cache_store.hashing import BlockHash, block_chain, block_hash, namespace, root_hash, token_blocks
 from cache_store.index import BlockCounts, Holding, MetadataIndex, redact
 from cache_store.policy import LFU, LRU, Priority, make_policy
-from cache_store.tree import DEVICE, HOST, BlockRef, PrefixTree
+from cache_store.tree import DEVICE, DISK, HOST, BlockRef, PrefixTree
 
 _NEEDS_TORCH = {
+    "DiskTier": "cache_store.disk",
     "KVPool": "cache_store.kv_pool",
     "KVShape": "cache_store.kv_pool",
     "LeaseKeeper": "cache_store.lease",
@@ -45,6 +46,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEVICE",
     "DEVICE_CACHE_GB",
+    "DISK",
+    "DISK_CACHE_GB",
     "EMPTY_HOLD",
     "GIB",
     "HOST",
@@ -58,6 +61,7 @@ __all__ = [
     "CacheStoreError",
     "ConfigError",
     "Counters",
+    "DiskTier",
     "EmbeddedRedis",
     "Exported",
     "Fenced",

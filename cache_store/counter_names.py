@@ -15,12 +15,41 @@ from typing import NamedTuple
 ROUTER = "router"
 
 HIT_TIERS = ("device", "host", "peer")  # where a cached prompt token came from
-DROP_TIERS = ("device", "host")  # a dropped block left this tier for nowhere
+DROP_TIERS = ("device", "host", "disk")  # a dropped block left this tier for nowhere
 # Why a prompt block missed (token-weighted `miss_tokens` counters); `Router.account` judges each.
 NEVER_SEEN = "never_seen"
 EVICTED = "evicted"
 HELD_ELSEWHERE = "held_elsewhere"
 MISS_REASONS = (NEVER_SEEN, EVICTED, HELD_ELSEWHERE)
+
+# The disk tier's counters (cache_store.disk, cache_store.tiered). Bytes and microseconds are
+# summed separately so that any window's throughput is bytes / time spent in the I/O calls.
+DISK_READ_BLOCKS = "disk_read_blocks"  # blocks served from disk (checksums good): the disk tier's hits
+DISK_READ_BYTES = "disk_read_bytes"
+DISK_READ_US = "disk_read_us"
+DISK_WRITTEN_BLOCKS = "disk_written_blocks"
+DISK_WRITE_BYTES = "disk_write_bytes"
+DISK_WRITE_US = "disk_write_us"
+DISK_WRITES_DROPPED = "disk_writes_dropped"  # blocks that left memory unwritten: the disk was slow or full
+DISK_WRITE_ERRORS = "disk_write_errors"  # writes the OS refused (EIO, ENOSPC on a sparse file)
+DISK_CORRUPT_SLOTS = "disk_corrupt_slots"  # reads whose header or payload checksum failed: a miss
+DISK_READ_SKIPPED = "disk_read_skipped_blocks"  # disk hits not read because recomputing was faster
+DISK_RECOVERED_BLOCKS = "disk_recovered_blocks"  # rebuilt from slot headers at start
+DISK_IGNORED_SLOTS = "disk_ignored_slots"  # slots of another model or format, torn or orphaned: reused
+DISK_COUNTERS = (
+    DISK_READ_BLOCKS,
+    DISK_READ_BYTES,
+    DISK_READ_US,
+    DISK_WRITTEN_BLOCKS,
+    DISK_WRITE_BYTES,
+    DISK_WRITE_US,
+    DISK_WRITES_DROPPED,
+    DISK_WRITE_ERRORS,
+    DISK_CORRUPT_SLOTS,
+    DISK_READ_SKIPPED,
+    DISK_RECOVERED_BLOCKS,
+    DISK_IGNORED_SLOTS,
+)
 
 _TENANT = "t."  # tenant counters: "t.<tenant label>.<request counter>"
 _MISS = "miss_tokens_"
@@ -112,6 +141,7 @@ SUMMED = (
     "peer_fetched_blocks",
     "audit_checked",
     "audit_mismatches",
+    *DISK_COUNTERS,
 )
 
 
@@ -124,6 +154,8 @@ class LeaseField:
     PREFILL_US_PER_TOKEN = "prefill_us_per_token"
     QUEUE = "queue"  # requests on the worker now
     SERVED = "served"  # requests it finished
+    DISK_BYTES = "disk_bytes"  # bytes of the disk tier's slots in use (headers included)
+    DISK_CAPACITY_BYTES = "disk_capacity_bytes"  # bytes of its slab files
 
     @staticmethod
     def blocks(tier: str) -> str:

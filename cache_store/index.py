@@ -3,7 +3,8 @@
 Keys (every key carries the hash tag `{service}`, so one deployment's keys
 share a Redis Cluster slot and the Lua scripts may touch them together):
 
-    pfx:{svc}:b:<hash hex>     HASH  worker -> "<generation>:<d|h>"   holders of one block
+    pfx:{svc}:b:<hash hex>     HASH  worker -> "<generation>:<d|h|k>"  holders of one block (device,
+                                     host, disk: the fastest tier the worker holds it in)
     pfx:{svc}:wb:<worker>      SET   hash hex published by that worker (for purges)
     pfx:{svc}:lease:<worker>   HASH  gen, heartbeat time, load gauges; PEXPIRE = lease TTL
     pfx:{svc}:gen:<worker>     INT   newest generation of that worker id (fencing)
@@ -53,14 +54,14 @@ from cache_store.hashing import BlockHash
 
 T = TypeVar("T")
 Op = Literal["add", "move", "remove"]
-TIER_CODE = {"device": "d", "host": "h"}
+TIER_CODE = {"device": "d", "host": "h", "disk": "k"}
 _PURGE_CHUNK = 1000
 
 # KEYS: block keys of a chain, in order. ARGV[1]: lease key prefix.
-# Returns a flat list: worker, leading blocks held, device blocks among them, generation.
+# Returns a flat list: worker, leading blocks held, device blocks among them, generation, disk blocks.
 _HOLDERS_LUA = """
 local lease_prefix = ARGV[1]
-local run, dev, gen = {}, {}, {}
+local run, dev, gen, disk = {}, {}, {}, {}
 local live = nil
 for i = 1, #KEYS do
   local entries = redis.call('HGETALL', KEYS[i])
@@ -72,14 +73,14 @@ for i = 1, #KEYS do
     if g then
       if i == 1 then
         ok = redis.call('HGET', lease_prefix .. w, 'gen') == g
-        if ok then gen[w] = g; run[w] = 0; dev[w] = 0 end
+        if ok then gen[w] = g; run[w] = 0; dev[w] = 0; disk[w] = 0 end
       else
         ok = live[w] == true and gen[w] == g
       end
     end
     if ok then
       run[w] = i
-      if t == 'd' then dev[w] = dev[w] + 1 end
+      if t == 'd' then dev[w] = dev[w] + 1 elseif t == 'k' then disk[w] = disk[w] + 1 end
       next_live[w] = true
       n_next = n_next + 1
     end
@@ -91,6 +92,7 @@ local out = {}
 for w, r in pairs(run) do
   if r > 0 then
     out[#out + 1] = w; out[#out + 1] = r; out[#out + 1] = dev[w]; out[#out + 1] = tonumber(gen[w])
+    out[#out + 1] = disk[w]
   end
 end
 return out
@@ -151,12 +153,14 @@ class BlockCounts(NamedTuple):
 
 
 class Holding(NamedTuple):
-    """One live worker's hold on a chain: its leading run of blocks, and how many are on device."""
+    """One live worker's hold on a chain: its leading run of blocks, how many are on device, and how
+    many on disk only (the run's tail: tiers never get faster down a chain); the rest are on host."""
 
     worker_id: str
     blocks: int
     device_blocks: int
     generation: int
+    disk_blocks: int = 0
 
 
 class Lease(NamedTuple):
@@ -297,7 +301,8 @@ class MetadataIndex:
         keys = [self._block_key(h) for h in chain]
         flat = self._call(lambda: self._holders(keys=keys, args=[self._k("lease") + ":"]))
         out = [
-            Holding(_s(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3])) for i in range(0, len(flat), 4)
+            Holding(_s(flat[i]), int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]), int(flat[i + 4]))
+            for i in range(0, len(flat), 5)
         ]
         return sorted(out, key=lambda h: (-h.blocks, -h.device_blocks, h.worker_id))
 

@@ -1,16 +1,34 @@
-"""TieredStore: prefix tree + device pool + host pool + eviction + index publishing.
+"""TieredStore: prefix tree + device pool + host pool + disk tier + eviction + index publishing.
 
 Moves between tiers:
     insert   new blocks go to device; if the device cannot make room (all
              pinned) they go to host; if neither, they are not cached.
     spill    device full -> unpinned device leaves (policy order) move to host.
-    drop     host full -> unpinned host leaves are dropped; with no host
-             room, device leaves are dropped instead.
+    demote   host full -> unpinned host blocks with no host child move to the
+             disk tier (free when they already have a disk copy, else their
+             KV is queued for the disk writer; queue full: not demoted).
+    drop     host full and nothing demotable -> unpinned host leaves are
+             dropped; with no host room, device leaves are dropped instead;
+             disk full -> disk copies and disk leaves go, in policy order.
     promote  a host hit moves to device when room can be made; otherwise it
              is served from host (copied to device for the forward pass).
+    load     a disk hit is read into host slots (one syscall per run of
+             consecutive slots, checksums checked), then promoted like a host
+             hit; only when the cost model says reading beats recomputing
+             (`set_read_policy`). `prefetch` does it in the caller's thread
+             before the request reaches the engine's step loop.
 Every move is published to the metadata index in one pipelined write at the
 end of the operation that caused it. If the index is down the store keeps
 serving and marks itself for a full re-publish (`resync`).
+
+Disk tier (cache_store.disk; on when `CacheConfig.disk_dir` is set): every
+block the store caches is also written to disk once, in the background
+(write-behind: the disk writer pulls a backlog when its queue is empty), so a
+worker that restarts finds its working set there: the tree is rebuilt from
+the slot headers at start and re-published under the new generation. Nothing
+on the engine's path waits for the disk; a write that cannot be queued is
+dropped and counted (`disk_writes_dropped` when that block then leaves memory
+unwritten).
 
 Working blocks (the engine's paged KV): a running request also owns
 private device slots (`alloc_working`) for the blocks it is filling. They
@@ -29,20 +47,25 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import torch
 
+from cache_store import counter_names as cn
 from cache_store.config import CacheConfig
 from cache_store.counter_names import dropped_blocks
 from cache_store.counters import Counters
-from cache_store.errors import IndexUnavailable
+from cache_store.disk import DiskTier, WriteItem, byte_view
+from cache_store.errors import ConfigError, IndexUnavailable
 from cache_store.hashing import BlockHash
 from cache_store.index import MetadataIndex, Op
 from cache_store.kv_pool import KVPool, KVShape
 from cache_store.policy import make_policy
-from cache_store.tree import DEVICE, HOST, BlockRef, PrefixTree, Tier
+from cache_store.tree import DEVICE, DISK, HOST, NO_SLOT, BlockRef, PrefixTree, Tier
+
+PUMP_BYTES = 8 << 20  # KV copied out per write-behind batch (under the store lock, on the writer's thread)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
 Adoption = Literal["adopted", "shared", "refused"]
@@ -53,7 +76,8 @@ class Hold(NamedTuple):
 
     blocks: tuple[BlockRef, ...]  # locations after promotion
     device_hits: int  # of these, found on device
-    host_hits: int  # found on host (then promoted where room allowed)
+    host_hits: int  # found on host or disk (then promoted where room allowed)
+    disk_hits: int = 0  # of the host hits, read from the disk tier by this call
 
     @property
     def hashes(self) -> list[BlockHash]:
@@ -83,14 +107,26 @@ class TierStats(NamedTuple):
     bytes_capacity: int
 
 
+_NO_TIER = TierStats(0, 0, 0, 0, 0, 0)
+
+
 class StoreStats(NamedTuple):
     device: TierStats
     host: TierStats
     counters: dict[str, int]
+    disk: TierStats = _NO_TIER  # blocks = slots in use (disk-only blocks and disk copies), bytes with headers
 
 
 class TieredStore:
-    def __init__(self, config: CacheConfig, shape: KVShape, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        config: CacheConfig,
+        shape: KVShape,
+        device: torch.device | str = "cpu",
+        *,
+        fingerprint: str | None = None,
+    ):
+        """`fingerprint` (the model's) names whose KV the disk tier's slots hold; needed with a disk_dir."""
         if shape.block_size != config.block_size:
             raise ValueError(f"KV shape block_size {shape.block_size} != config block_size {config.block_size}")
         self.config = config
@@ -117,6 +153,27 @@ class TieredStore:
         self._generation: int | None = None
         self._dirty = True  # the index does not reflect this store yet
         self._working = 0  # device slots owned by running requests, outside the tree
+        self._loading = 0  # host slots being filled from disk by `prefetch`, outside the tree
+        self._read_pays: Callable[[int], bool] = lambda n: True  # see set_read_policy
+        # Blocks to copy to disk when the writer has room (write-behind), oldest first; bounded by
+        # the blocks memory holds, as only those can be written.
+        self._unsaved: OrderedDict[BlockHash, None] = OrderedDict()
+        self.disk: DiskTier | None = None
+        if config.disk_dir is not None:
+            if not fingerprint:
+                raise ConfigError("a disk tier needs the model fingerprint (TieredStore(..., fingerprint=...))")
+            self.disk = DiskTier(
+                config.disk_dir,
+                config.disk_bytes,
+                shape,
+                fingerprint,
+                counters=self.counters,
+                queue_bytes=config.disk_queue_bytes,
+            )
+            if fraction is not None:
+                self.tree.set_protected_limit(DISK, int(fraction * self.disk.capacity))
+            self._recover()
+            self.disk.refill = self._pump
 
     # ---- index link ----------------------------------------------------
 
@@ -181,26 +238,46 @@ class TieredStore:
     def acquire(
         self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]], *, device_only: bool = False
     ) -> Hold:
-        """Pin the longest verified cached prefix; promote its host part to device where room allows.
+        """Pin the longest verified cached prefix; read its disk part into host (when reading pays,
+        see `set_read_policy`) and promote its host part to device where room allows.
 
         device_only: cut the hold where promotion ran out of room, so every held block is on device
-        (what a block table needs)."""
+        (what a block table needs). A hold never includes a block left on disk."""
         with self._lock:
-            refs = self.tree.match(hashes, blocks)
+            self._reap_disk_failures()
+            refs = self._worth_reading(self.tree.match(hashes, blocks))
             if not refs:
                 return EMPTY_HOLD
             path = [r.hash for r in refs]
             self.tree.pin(path)
             self.tree.touch(path)
             n_dev = sum(r.tier == DEVICE for r in refs)
-            self._promote([r for r in refs if r.tier == HOST])
+            on_disk = [r.hash for r in refs if r.tier == DISK]
+            first_disk = len(path) - len(on_disk)
+            n_disk, corrupt = self._load(on_disk) if on_disk else (0, None)
+            if n_disk < len(on_disk):  # no host room, or a slot failed its checksum: hold what was read
+                self.tree.unpin(path[first_disk + n_disk :])
+                path = path[: first_disk + n_disk]
+                if corrupt is not None:
+                    self._discard(corrupt)
+            self._promote([r for r in map(self.tree.get, path) if r.tier == HOST])
             self._publish()
             held = tuple(self.tree.get(h) for h in path)
             if device_only:
                 keep = next((i for i, b in enumerate(held) if b.tier != DEVICE), len(held))
                 self.tree.unpin(path[keep:])
                 held = held[:keep]
-            return Hold(held, min(n_dev, len(held)), max(0, len(held) - n_dev))
+            n_disk = max(0, min(n_disk, len(held) - first_disk))
+            return Hold(held, min(n_dev, len(held)), max(0, len(held) - n_dev), n_disk)
+
+    def _worth_reading(self, refs: list[BlockRef]) -> list[BlockRef]:
+        """(Lock held.) `refs` without their disk part when reading it would be slower than
+        recomputing it (the request then prefills those blocks and `adopt` takes them over)."""
+        n_disk = sum(r.tier == DISK for r in refs)
+        if n_disk and not self._read_pays(n_disk):
+            self.counters.add(cn.DISK_READ_SKIPPED, n_disk)
+            return refs[: len(refs) - n_disk]
+        return refs
 
     def release(self, hold: Hold) -> None:
         with self._lock:
@@ -234,25 +311,35 @@ class TieredStore:
     def adopt(self, parent: BlockHash | None, h: BlockHash, tokens: Sequence[int], slot: int) -> Adoption:
         """A working block just filled: cache it in place, pinned for its request (release unpins it).
 
-        "adopted": the slot now belongs to the tree. "shared": `h` was already cached on device (a
-        concurrent request computed it); that copy is pinned instead, so the caller's pinned path
-        stays whole, and the slot stays working. "refused": the parent is not a pinned device block
-        or `h` is cached with other tokens or on host; the slot stays working, nothing is pinned."""
+        "adopted": the slot now belongs to the tree (also when `h` was on disk only, not read because
+        recomputing was faster: the block comes back to device in this slot, its disk copy kept).
+        "shared": `h` was already cached on device (a concurrent request computed it); that copy is
+        pinned instead, so the caller's pinned path stays whole, and the slot stays working.
+        "refused": the parent is not a pinned device block or `h` is cached with other tokens or on
+        host; the slot stays working, nothing is pinned."""
         with self._lock:
             pnode = self.tree.get(parent) if parent is not None else None
             if parent is not None and (pnode is None or pnode.tier != DEVICE or not self.tree.refs(parent)):
                 return "refused"
             if h in self.tree:
-                if self.tree.tokens(h) == tuple(tokens) and self.tree.get(h).tier == DEVICE:
+                if self.tree.tokens(h) != tuple(tokens) or self.tree.parent(h) != parent:
+                    return "refused"
+                tier = self.tree.get(h).tier
+                if tier == DEVICE:
                     self.tree.pin([h])
                     self.tree.touch([h])
                     return "shared"
-                return "refused"
-            self.tree.insert(parent, h, tokens, DEVICE, slot)
+                if tier != DISK:
+                    return "refused"
+                self.tree.move(h, DEVICE, slot)
+                self._events.append(("move", h, DEVICE))
+            else:
+                self.tree.insert(parent, h, tokens, DEVICE, slot)
+                self._events.append(("add", h, DEVICE))
+                self._remember_unsaved([h])
+                self.counters.add("inserted_blocks")
             self.tree.pin([h])
             self._working -= 1
-            self._events.append(("add", h, DEVICE))
-            self.counters.add("inserted_blocks")
             self._publish()
             return "adopted"
 
@@ -311,6 +398,8 @@ class TieredStore:
                 return start
             if prev is not None and prev not in self.tree:
                 return start  # the parent was evicted meanwhile: an orphan could never be matched
+            if prev is not None and self.tree.get(prev).tier == DISK:
+                return start  # memory blocks below a disk block would break the tier order; acquire it first
             path = self.tree.path(prev) if prev is not None else []
             self.tree.pin(path)  # making room must not evict the parent
             try:
@@ -331,18 +420,276 @@ class TieredStore:
                 refs.append(ref)
             if not refs:
                 return Exported([], [], torch.empty((0, *self.shape.block_dims), dtype=self.shape.dtype))
-            parts = []
+            kv = torch.empty((len(refs), *self.shape.block_dims), dtype=self.shape.dtype)
+            refs = refs[: self._read_disk_part(refs, kv)]
+            kv = kv[: len(refs)]
             for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
                 idx = [i for i, r in enumerate(refs) if r.tier == tier]
                 if idx:
-                    parts.append((idx, pool.read([refs[i].slot for i in idx]).cpu()))
-            kv = torch.empty((len(refs), *self.shape.block_dims), dtype=self.shape.dtype)
-            for idx, t in parts:
-                kv[idx] = t
+                    kv[idx] = pool.read([refs[i].slot for i in idx]).cpu()
             self.counters.add("exported_blocks", len(refs))
             # a peer is about to hold these too: until the next refresh says otherwise, they are copies
             self.tree.set_copies({r.hash: 2 for r in refs})
             return Exported([r.hash for r in refs], [self.tree.tokens(r.hash) for r in refs], kv)
+
+    # ---- disk tier --------------------------------------------------------
+
+    def set_read_policy(self, pays: Callable[[int], bool]) -> None:
+        """`pays(n)`: whether reading n blocks from disk beats recomputing them (the engine passes its
+        measured cost model). Until set, every disk hit is read."""
+        self._read_pays = pays
+
+    def time_disk_read(self) -> dict[str, float]:
+        """The disk tier's measured read cost as cost-model terms (worker.costs.CostModel), or {}
+        without a disk tier. Cold reads: see DiskTier.time_read."""
+        if self.disk is None:
+            return {}
+        per_block, overhead = self.disk.time_read()
+        return {"disk_read_s_per_block": per_block, "disk_read_overhead_s": overhead}
+
+    def prefetch(self, hashes: Sequence[BlockHash], blocks: Sequence[Sequence[int]]) -> int:
+        """Read the disk part of this prompt's cached prefix into the host tier now, in the calling
+        thread, with the store lock released during the read (the engine's steps go on); the
+        request's `acquire` then finds it on host. Returns blocks read. Only when reading pays."""
+        if self.disk is None:
+            return 0
+        with self._lock:
+            self._reap_disk_failures()
+            refs = self.tree.match(hashes, blocks)
+            on_disk = [r.hash for r in refs if r.tier == DISK]
+            if not on_disk or not self._read_pays(len(on_disk)):
+                return 0
+            path = [r.hash for r in refs]
+            self.tree.pin(path)  # the disk slots stay put while the lock is released
+            n = self._make_host_room(len(on_disk))
+            take, host_slots = on_disk[:n], self.host_pool.alloc(n)
+            disk_slots = [self.tree.disk_slot(h) for h in take]
+            self._loading += n
+        ok: list[bool] = []
+        try:
+            ok = self.disk.read_into(disk_slots, take, [byte_view(self.host_pool.data[s]) for s in host_slots])
+        finally:
+            with self._lock:
+                self._loading -= n
+                moved = self._place_loaded(take, disk_slots, host_slots, ok)
+                self.tree.unpin(path)
+                if len(ok) > moved and not ok[moved]:
+                    self._discard(take[moved])
+                self._publish()
+        return moved
+
+    def _place_loaded(self, take, disk_slots, host_slots, ok) -> int:
+        """(Lock held.) Move blocks read from disk into their host slots, root side first, while each
+        read checked out and the block is still where it was read from; free the other slots."""
+        moved = 0
+        for i, (h, ds, hs) in enumerate(zip(take, disk_slots, host_slots)):
+            ref = self.tree.get(h)
+            if i == moved and i < len(ok) and ok[i] and ref is not None and ref.tier == DISK and ref.slot == ds:
+                self.tree.move(h, HOST, hs)
+                self._events.append(("move", h, HOST))
+                moved += 1
+            else:
+                self.host_pool.free([hs])
+        return moved
+
+    def _load(self, on_disk: list[BlockHash]) -> tuple[int, BlockHash | None]:
+        """(Lock held, path pinned.) Read disk blocks (a chain, root side first) into host slots;
+        returns (blocks moved to host, the first block whose slot failed its checksum or None)."""
+        n = self._make_host_room(len(on_disk))
+        take, host_slots = on_disk[:n], self.host_pool.alloc(n)
+        disk_slots = [self.tree.disk_slot(h) for h in take]
+        ok = self.disk.read_into(disk_slots, take, [byte_view(self.host_pool.data[s]) for s in host_slots])
+        moved = self._place_loaded(take, disk_slots, host_slots, ok)
+        return moved, (take[moved] if moved < len(take) and not ok[moved] else None)
+
+    def _read_disk_part(self, refs: list[BlockRef], kv: torch.Tensor) -> int:
+        """(Lock held.) Fill kv[i] for the disk-tier refs (export); returns how many leading refs are
+        usable (cut at the first slot that fails its checksum)."""
+        idx = [i for i, r in enumerate(refs) if r.tier == DISK]
+        if not idx:
+            return len(refs)
+        ok = self.disk.read_into(
+            [refs[i].slot for i in idx], [refs[i].hash for i in idx], [byte_view(kv[i]) for i in idx]
+        )
+        bad = next((k for k, good in enumerate(ok) if not good), None)
+        if bad is None:
+            return len(refs)
+        if not self.tree.refs(refs[idx[bad]].hash):
+            self._discard(refs[idx[bad]].hash)
+        return idx[bad]
+
+    def _discard(self, h: BlockHash) -> bool:
+        """(Lock held.) Remove a disk block whose slot cannot be served (failed checksum or write),
+        with every block below it (all on disk); False, leaving them, if any is pinned (whoever
+        holds it reads it and finds the same). The next request recomputes and re-caches them."""
+        below = self.tree.subtree(h)
+        if any(self.tree.refs(x) for x in below):
+            return False
+        for x in below:
+            slot = self.tree.disk_slot(x)
+            self.tree.remove(x)
+            self._events.append(("remove", x, DISK))
+            self.disk.free([slot])
+        return True
+
+    def _reap_disk_failures(self) -> None:
+        """(Lock held.) Forget the disk copies whose write failed; their slots go back to the pool."""
+        if self.disk is None:
+            return
+        for slot, h in self.disk.take_failures():
+            if h in self.tree and self.tree.disk_slot(h) == slot:
+                if self.tree.get(h).tier != DISK:
+                    self.tree.set_disk_slot(h, NO_SLOT)
+                elif not self._discard(h):
+                    self.disk.retry_failure(slot, h)  # pinned now: try again at the next call
+                    continue
+                else:
+                    continue  # _discard freed the slot
+            self.disk.free([slot])
+
+    def _remember_unsaved(self, hashes: Sequence[BlockHash], *, first: bool = False) -> None:
+        """(Lock held.) Blocks to write behind; `first`: before everything queued (pinned prefixes)."""
+        if self.disk is None:
+            return
+        unsaved = self._unsaved
+        for h in hashes:
+            unsaved[h] = None
+            if first:
+                unsaved.move_to_end(h, last=False)
+        limit = self.device_pool.capacity + self.host_pool.capacity
+        while len(unsaved) > limit:
+            unsaved.popitem(last=False)
+        self.disk.wake()
+
+    def _pump(self) -> None:
+        """The disk writer's refill (its thread): copy the next unsaved blocks out of memory into a
+        write batch, as many as the writer's queue takes, making disk room in policy order."""
+        if not self._unsaved:
+            return
+        with self._lock:
+            self._reap_disk_failures()
+            limit = min(self.disk.queue_room(), max(1, PUMP_BYTES // self.shape.block_bytes))
+            todo: list[BlockRef] = []
+            while self._unsaved and len(todo) < limit:
+                h, _ = self._unsaved.popitem(last=False)
+                ref = self.tree.get(h)
+                if ref is not None and ref.tier != DISK and self.tree.disk_slot(h) == NO_SLOT:
+                    todo.append(ref)
+            if todo:
+                self._write_copies(todo)
+
+    def _write_copies(self, refs: list[BlockRef]) -> int:
+        """(Lock held.) Queue disk copies of device/host blocks; returns how many were queued (the
+        rest: no disk room or no queue room)."""
+        self._make_disk_room(len(refs))
+        slots = self.disk.alloc(len(refs))
+        refs = refs[: len(slots)]
+        if not refs:
+            return 0
+        kv = torch.empty((len(refs), *self.shape.block_dims), dtype=self.shape.dtype)
+        for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
+            idx = [i for i, r in enumerate(refs) if r.tier == tier]
+            if idx:
+                kv[idx] = pool.read([refs[i].slot for i in idx]).cpu()
+        items = [
+            WriteItem(slot, r.hash, self.tree.parent(r.hash), self.tree.tokens(r.hash), kv[i])
+            for i, (r, slot) in enumerate(zip(refs, slots))
+        ]
+        taken = self.disk.submit(items)
+        for r, slot in zip(refs[:taken], slots):
+            self.tree.set_disk_slot(r.hash, slot)
+        if taken < len(slots):
+            self.disk.free(slots[taken:])
+        return taken
+
+    def _demote_host(self, victims: list[BlockRef]) -> None:
+        """(Lock held.) Move host victims (children first) to the disk tier: free for those with a
+        disk copy, a queued write for the rest while the writer takes them. A block that cannot
+        go (and so its host ancestors) stays."""
+        need_write = [v for v in victims if self.tree.disk_slot(v.hash) == NO_SLOT]
+        if need_write:
+            self._write_copies(need_write)
+        for v in victims:
+            if self.tree.disk_slot(v.hash) == NO_SLOT or not self.tree.can_demote(v.hash, DISK):
+                continue  # not written, or a child stayed on host
+            self.tree.move(v.hash, DISK, self.tree.disk_slot(v.hash))
+            self.host_pool.free([v.slot])
+            self._events.append(("move", v.hash, DISK))
+            self.counters.add("spilled_blocks")
+
+    def _make_disk_room(self, k: int) -> int:
+        """(Lock held.) Free disk slots (disk copies, then disk leaves, in policy order) until k are
+        free or nothing unpinned is left. A slot whose write is in flight frees when it lands."""
+        disk = self.disk
+        while disk.free_count < k:
+            victims = self.tree.disk_victims(k - disk.free_count)
+            if not victims:
+                break
+            for v in victims:
+                slot = self.tree.disk_slot(v.hash)
+                if v.tier == DISK:
+                    self.tree.remove(v.hash)
+                    self._events.append(("remove", v.hash, DISK))
+                    self.counters.add(dropped_blocks(DISK))
+                else:
+                    self.tree.set_disk_slot(v.hash, NO_SLOT)
+                disk.free([slot])
+        return min(k, disk.free_count)
+
+    def _recover(self) -> None:
+        """Rebuild the tree from the disk tier's slot headers (payloads are checked when read). A
+        block whose chain does not reach a first block on disk could never be matched: its slot
+        is freed."""
+        headers = {h.hash: h for h in self.disk.recover()}
+        usable: dict[BlockHash, bool] = {}
+        orphans: list[int] = []
+        for head in sorted(headers.values(), key=lambda x: x.seq):
+            chain, seen, cur = [], set(), head
+            while True:  # up to a block already judged, a first block, or a missing (or looping) parent
+                if cur.hash in usable:
+                    ok = usable[cur.hash]
+                    break
+                chain.append(cur)
+                seen.add(cur.hash)
+                if cur.parent is None:
+                    ok = True
+                    break
+                cur = headers.get(cur.parent)
+                if cur is None or cur.hash in seen:
+                    ok = False
+                    break
+            for node in reversed(chain):  # parents first
+                usable[node.hash] = ok
+                if ok:
+                    self.tree.insert(node.parent, node.hash, node.tokens, DISK, node.slot)
+                else:
+                    orphans.append(node.slot)
+        if orphans:
+            self.disk.free(orphans)
+        self.counters.add(cn.DISK_RECOVERED_BLOCKS, len(headers) - len(orphans))
+        self.counters.add(cn.DISK_IGNORED_SLOTS, len(orphans))
+
+    def flush_disk(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every block in memory has its disk copy written (True), or `timeout_s` passed
+        (False: the writer is behind, or the disk has no room the policy can free)."""
+        if self.disk is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:  # the pump moves blocks from the backlog to the queue under this lock
+                if not self._unsaved and self.disk.idle():
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            self.disk.wake()
+            time.sleep(0.002)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is not on disk yet (up to `timeout_s`), then release the disk directory. A
+        worker killed instead loses only the blocks whose copies were not written yet."""
+        if self.disk is not None:
+            self.flush_disk(timeout_s)
+            self.disk.close(timeout_s)
 
     # ---- operator controls -------------------------------------------------
 
@@ -352,6 +699,7 @@ class TieredStore:
         if hold.blocks:
             with self._lock:
                 self._user_pins.setdefault(hold.blocks[-1].hash, []).append(hold)
+                self._remember_unsaved(hold.hashes, first=True)  # a pinned prefix goes to disk next
         return len(hold)
 
     def unpin_prefix(self, hashes: Sequence[BlockHash]) -> BlockHash | None:
@@ -402,19 +750,33 @@ class TieredStore:
                         pool.capacity * bb,
                     )
                 )
-            return StoreStats(tiers[0], tiers[1], self.counters.snapshot())
+            return StoreStats(tiers[0], tiers[1], self.counters.snapshot(), self._disk_stats(t))
+
+    def _disk_stats(self, t) -> TierStats:
+        if self.disk is None:
+            return _NO_TIER
+        d = self.disk.stats()
+        return TierStats(d.slots, d.capacity, t.pinned[DISK], d.slots - t.pinned[DISK], d.bytes_used, d.bytes_capacity)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the tree and the pools disagree on what is used (tests call it)."""
         with self._lock:
             t = self.tree.stats()
             for tier, pool in ((DEVICE, self.device_pool), (HOST, self.host_pool)):
-                working = self._working if tier == DEVICE else 0
+                working = self._working if tier == DEVICE else self._loading
                 assert pool.used_count == t.blocks[tier] + working, (
                     f"{tier}: pool uses {pool.used_count}, tree has {t.blocks[tier]}, working {working}"
                 )
                 assert pool.used_count <= pool.capacity
                 assert t.pinned[tier] + t.evictable[tier] == t.blocks[tier]
+            if self.disk is not None:
+                used, zombies = self.disk.used_count, self.disk.zombie_count()
+                assert used == self.tree.disk_slots + zombies, (
+                    f"disk: {used} slots used, tree has {self.tree.disk_slots} disk slots, {zombies} freeing"
+                )
+                assert used <= self.disk.capacity and t.blocks[DISK] <= self.tree.disk_slots
+            else:
+                assert t.blocks[DISK] == 0
 
     # ---- internals (lock held) ---------------------------------------------
 
@@ -433,6 +795,7 @@ class TieredStore:
                 self.tree.insert(parent, hashes[i], blocks[i], tier, slot)
                 self._events.append(("add", hashes[i], tier))
                 parent = hashes[i]
+            self._remember_unsaved(hashes[lo:hi])
         self.counters.add("inserted_blocks", n_dev + n_host)
         self.counters.add("insert_skipped_blocks", k - n_dev - n_host)
         return n_dev + n_host
@@ -485,18 +848,36 @@ class TieredStore:
 
     def _make_host_room(self, k: int) -> int:
         need = k - self.host_pool.free_count
+        if need > 0 and self.disk is not None:
+            self._demote_host(self.tree.victims(HOST, need, spill=True))
+            need = k - self.host_pool.free_count
         if need > 0:
             self._drop(HOST, self.tree.victims(HOST, need, spill=False))
         return min(k, self.host_pool.free_count)
 
     def _drop(self, tier: Tier, victims: list[BlockRef]) -> None:
+        """Leaves (children first) leave `tier`: to the disk tier when they have a disk copy (no
+        write needed), else out of the cache."""
         if not victims:
             return
+        gone, to_disk = [], 0
         for v in victims:
-            self.tree.remove(v.hash)
-            self._events.append(("remove", v.hash, tier))
-        (self.device_pool if tier == DEVICE else self.host_pool).free([v.slot for v in victims])
-        self.counters.add(dropped_blocks(tier), len(victims))
+            slot = self.tree.disk_slot(v.hash)
+            if slot != NO_SLOT and self.tree.can_demote(v.hash, DISK):
+                self.tree.move(v.hash, DISK, slot)
+                self._events.append(("move", v.hash, DISK))
+                to_disk += 1
+            elif self.tree.has_children(v.hash):
+                continue  # a child moved to disk instead of going: this block must stay
+            else:
+                self.tree.remove(v.hash)
+                self._events.append(("remove", v.hash, tier))
+            gone.append(v.slot)
+        (self.device_pool if tier == DEVICE else self.host_pool).free(gone)
+        self.counters.add(dropped_blocks(tier), len(gone) - to_disk)
+        self.counters.add("spilled_blocks", to_disk)
+        if self.disk is not None:  # the writer was behind (or the disk all pinned): lost unwritten
+            self.counters.add(cn.DISK_WRITES_DROPPED, len(gone) - to_disk)
 
 
 def time_promotion(shape: KVShape, device: torch.device | str, rounds: int = 3) -> float:

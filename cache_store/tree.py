@@ -5,10 +5,18 @@ block; the parent/child links exist for eviction, which must only take
 leaves (evicting an inner block would strand every block below it, since a
 prefix is only usable from the root down).
 
-Tier invariant: the device tier is closed upward (a device node's parent is
-on device). Hits are used from the root down, so this keeps the device part
-of every cached prefix a leading run; it is kept by spilling only "device
-leaves" (no child on device) and promoting whole paths.
+Tier invariant: tiers are ordered device < host < disk, and a node is never
+in a faster tier than its parent (a device node's parent is on device, a
+host node's on device or host). Hits are used from the root down, so the
+device part of every cached prefix is a leading run, then the host part,
+then the disk part; it is kept by demoting only nodes with no child in their
+own tier (`victims(spill=True)`) and promoting whole paths, root side first.
+
+Disk copies: with a disk tier, a block in any tier may also have a copy in a
+disk slot (`disk_slot`, -1 for none): the write-behind copy of a device or
+host block, or the slot a disk-tier block lives in. Demoting a block that has
+a copy costs no write; losing a copy of a faster-tier block costs nothing
+but the copy. `disk_victims` offers both kinds in policy order.
 
 Ref-count rule: callers pin whole paths from the root (`pin(path)`), so a
 pinned node's ancestors are pinned too. Pinned nodes are never offered as
@@ -27,9 +35,13 @@ from typing import Literal, NamedTuple
 from cache_store.hashing import BlockHash
 from cache_store.policy import EvictionPolicy
 
-Tier = Literal["device", "host"]
+Tier = Literal["device", "host", "disk"]
 DEVICE: Tier = "device"
 HOST: Tier = "host"
+DISK: Tier = "disk"
+TIERS: tuple[Tier, ...] = (DEVICE, HOST, DISK)
+_RANK = {DEVICE: 0, HOST: 1, DISK: 2}  # a child's rank is never below its parent's
+NO_SLOT = -1
 
 
 class BlockRef(NamedTuple):
@@ -59,6 +71,8 @@ class _Node:
         "hits",
         "priority",
         "device_children",
+        "host_children",
+        "disk_slot",
         "depth",
         "copies",
         "protected",
@@ -76,6 +90,8 @@ class _Node:
         self.hits = 0
         self.priority = 0
         self.device_children = 0
+        self.host_children = 0
+        self.disk_slot = NO_SLOT  # a disk copy (or, on the disk tier, the slot itself)
         self.depth = 0 if parent is None else parent.depth + 1
         self.copies = 1  # workers holding this block cluster-wide, as last read from the index (1: unknown)
         self.protected = False  # in its tier's protected segment (reused, and among the newest reused)
@@ -96,16 +112,20 @@ class PrefixTree:
         self._nodes: dict[BlockHash, _Node] = {}
         self._clock = 0
         # Victim candidates, kept current on every change so eviction never
-        # scans the whole tree: spill = device, no device child, unpinned;
-        # drop = no child at all, unpinned (per tier).
-        self._spill: set[BlockHash] = set()
-        self._drop: dict[Tier, set[BlockHash]] = {DEVICE: set(), HOST: set()}
-        self._pinned: dict[Tier, int] = {DEVICE: 0, HOST: 0}
-        self._count: dict[Tier, int] = {DEVICE: 0, HOST: 0}
+        # scans the whole tree: spill = unpinned, no child in its own tier (device
+        # and host: to demote a tier down); drop = no child at all, unpinned (per
+        # tier); disk = unpinned with a disk copy that can go (a copy of a faster
+        # block, or a disk-tier leaf).
+        self._spill: dict[Tier, set[BlockHash]] = {DEVICE: set(), HOST: set()}
+        self._drop: dict[Tier, set[BlockHash]] = {t: set() for t in TIERS}
+        self._disk: set[BlockHash] = set()
+        self._pinned: dict[Tier, int] = dict.fromkeys(TIERS, 0)
+        self._count: dict[Tier, int] = dict.fromkeys(TIERS, 0)
+        self._disk_copies = 0  # nodes with a disk slot, any tier
         # Protected segment per tier (bounded SLRU): reused blocks, least recently used first; past
         # the limit the oldest is demoted to probation. None: unbounded (every reused block stays).
-        self._protected: dict[Tier, OrderedDict[BlockHash, None]] = {DEVICE: OrderedDict(), HOST: OrderedDict()}
-        self._protected_limit: dict[Tier, int | None] = {DEVICE: None, HOST: None}
+        self._protected: dict[Tier, OrderedDict[BlockHash, None]] = {t: OrderedDict() for t in TIERS}
+        self._protected_limit: dict[Tier, int | None] = dict.fromkeys(TIERS, None)
 
     # ---- queries -------------------------------------------------------
 
@@ -151,6 +171,37 @@ class PrefixTree:
     def refs(self, h: BlockHash) -> int:
         return self._nodes[h].refs
 
+    def disk_slot(self, h: BlockHash) -> int:
+        """The block's disk slot (NO_SLOT: no copy on disk)."""
+        return self._nodes[h].disk_slot
+
+    def parent(self, h: BlockHash) -> BlockHash | None:
+        node = self._nodes[h].parent
+        return None if node is None else node.hash
+
+    def has_children(self, h: BlockHash) -> bool:
+        return bool(self._nodes[h].children)
+
+    def can_demote(self, h: BlockHash, tier: Tier) -> bool:
+        """Whether `move(h, tier)` keeps the tier order below `h` (no child in a faster tier)."""
+        node = self._nodes[h]
+        return all(_RANK[c.tier] >= _RANK[tier] for c in node.children.values())
+
+    @property
+    def disk_slots(self) -> int:
+        """Blocks with a disk slot (disk-tier blocks and copies of faster ones)."""
+        return self._disk_copies
+
+    def subtree(self, h: BlockHash) -> list[BlockHash]:
+        """`h` and every block below it, children before parents (an order `remove` accepts)."""
+        out: list[BlockHash] = []
+        stack = [self._nodes[h]]
+        while stack:
+            node = stack.pop()
+            out.append(node.hash)
+            stack.extend(node.children.values())
+        return out[::-1]
+
     def stats(self) -> TreeStats:
         blocks = dict(self._count)
         pinned = dict(self._pinned)
@@ -164,16 +215,19 @@ class PrefixTree:
         if h in self._nodes:
             raise KeyError(f"block {h.hex()} is already in the tree")
         pnode = None if parent is None else self._nodes[parent]
-        if tier == DEVICE and pnode is not None and pnode.tier != DEVICE:
-            raise ValueError("a device block's parent must be on device (tier invariant)")
+        if pnode is not None and _RANK[tier] < _RANK[pnode.tier]:
+            faster = " or ".join(t for t in TIERS if _RANK[t] <= _RANK[tier])
+            raise ValueError(f"a {tier} block's parent must be on {faster} (tier invariant), not {pnode.tier}")
         self._clock += 1
         node = _Node(h, pnode, tuple(tokens), tier, slot, self._clock)
         self._nodes[h] = node
         self._count[tier] += 1
+        if tier == DISK:
+            node.disk_slot = slot
+            self._disk_copies += 1
         if pnode is not None:
             pnode.children[h] = node
-            if tier == DEVICE:
-                pnode.device_children += 1
+            _count_child(pnode, tier, +1)
         self._refresh(node, pnode)
 
     def touch(self, hashes: Iterable[BlockHash]) -> None:
@@ -184,7 +238,7 @@ class PrefixTree:
             node.last_access = self._clock
             node.hits += 1
             self._protect(node)
-        for tier in (DEVICE, HOST):
+        for tier in TIERS:
             self._demote_excess(tier)
 
     def set_protected_limit(self, tier: Tier, limit: int | None) -> None:
@@ -225,8 +279,8 @@ class PrefixTree:
                 node.copies = max(1, n)
 
     def candidates(self) -> list[BlockHash]:
-        """Blocks that could be chosen by the next eviction (unpinned leaves of either kind)."""
-        return list(self._spill.union(self._drop[DEVICE], self._drop[HOST]))
+        """Blocks that could be chosen by the next eviction (unpinned leaves of any kind)."""
+        return list(set().union(*self._spill.values(), *self._drop.values()))
 
     def pin(self, hashes: Iterable[BlockHash]) -> None:
         for h in hashes:
@@ -247,12 +301,15 @@ class PrefixTree:
                 self._refresh(node)
 
     def move(self, h: BlockHash, tier: Tier, slot: int) -> None:
-        """Change a block's tier/slot, keeping the device tier closed upward."""
+        """Change a block's tier/slot, keeping the tier order (no node faster than its parent).
+        To the disk tier, `slot` is its disk slot; from it, the disk slot stays as a copy."""
         node = self._nodes[h]
-        if tier == DEVICE and node.parent is not None and node.parent.tier != DEVICE:
-            raise ValueError("promote the parent first: a device block's parent must be on device")
-        if tier == HOST and node.device_children:
-            raise ValueError("spill the children first: a device block's parent must be on device")
+        if node.parent is not None and _RANK[tier] < _RANK[node.parent.tier]:
+            raise ValueError(f"promote the parent first: it is on {node.parent.tier}, this block would be on {tier}")
+        if (tier != DEVICE and node.device_children) or (tier == DISK and node.host_children):
+            raise ValueError(f"spill the children first: a child would be in a faster tier than {tier}")
+        if tier == DISK and node.disk_slot not in (NO_SLOT, slot):
+            raise ValueError("a block has one disk slot: drop its copy before moving it to another")
         if tier != node.tier:
             was_protected = node.protected
             self._unprotect(node)
@@ -262,13 +319,27 @@ class PrefixTree:
                 self._pinned[node.tier] -= 1
                 self._pinned[tier] += 1
             if node.parent is not None:
-                node.parent.device_children += 1 if tier == DEVICE else -1
+                _count_child(node.parent, node.tier, -1)
+                _count_child(node.parent, tier, +1)
             node.tier = tier
             if was_protected:
                 self._protect(node)
                 self._demote_excess(tier)
         node.tier, node.slot = tier, slot
+        if tier == DISK and node.disk_slot == NO_SLOT:
+            node.disk_slot = slot
+            self._disk_copies += 1
         self._refresh(node, node.parent)
+
+    def set_disk_slot(self, h: BlockHash, slot: int) -> None:
+        """Record (slot >= 0) or forget (NO_SLOT) the disk copy of a device or host block."""
+        node = self._nodes[h]
+        if node.tier == DISK:
+            raise ValueError("a disk-tier block's slot is the block itself: remove the block instead")
+        if (node.disk_slot == NO_SLOT) != (slot == NO_SLOT):
+            self._disk_copies += 1 if slot != NO_SLOT else -1
+        node.disk_slot = slot
+        self._refresh(node)
 
     def remove(self, h: BlockHash) -> BlockRef:
         """Drop an unpinned leaf."""
@@ -278,13 +349,14 @@ class PrefixTree:
         self._unprotect(node)
         del self._nodes[h]
         self._count[node.tier] -= 1
-        self._spill.discard(h)
-        self._drop[node.tier].discard(h)
+        if node.disk_slot != NO_SLOT:
+            self._disk_copies -= 1
+        for pool in (*self._spill.values(), *self._drop.values(), self._disk):
+            pool.discard(h)
         parent = node.parent
         if parent is not None:
             del parent.children[h]
-            if node.tier == DEVICE:
-                parent.device_children -= 1
+            _count_child(parent, node.tier, -1)
             self._refresh(parent)
         return node.ref()
 
@@ -293,14 +365,14 @@ class PrefixTree:
     def victims(self, tier: Tier, n: int, *, spill: bool) -> list[BlockRef]:
         """Up to `n` blocks of `tier` to evict, in policy order, children before parents.
 
-        spill=True (device only): blocks with no device child, to move to the
-        host tier. spill=False: blocks with no child at all, to drop. The
+        spill=True (device, host): blocks with no child in their tier, to move
+        one tier down. spill=False: blocks with no child at all, to drop. The
         choice is simulated ahead, so a parent whose last child is picked
         becomes a candidate in the same call. Nothing is changed here.
         """
-        if spill and tier != DEVICE:
-            raise ValueError("only device blocks are spilled")
-        pool = self._spill if spill else self._drop[tier]
+        if spill and tier not in self._spill:
+            raise ValueError("only device and host blocks are demoted")
+        pool = self._spill[tier] if spill else self._drop[tier]
         heap = [self._heap_item(self._nodes[h]) for h in pool]
         heapq.heapify(heap)
         taken: dict[BlockHash, int] = {}  # parent hash -> children taken so far
@@ -312,8 +384,28 @@ class PrefixTree:
             if parent is None or parent.refs or parent.tier != tier:
                 continue
             taken[parent.hash] = taken.get(parent.hash, 0) + 1
-            remaining = (parent.device_children if spill else len(parent.children)) - taken[parent.hash]
+            remaining = (_same_tier_children(parent) if spill else len(parent.children)) - taken[parent.hash]
             if remaining == 0:
+                heapq.heappush(heap, self._heap_item(parent))
+        return out
+
+    def disk_victims(self, n: int) -> list[BlockRef]:
+        """Up to `n` disk slots to free, in policy order: copies of device/host blocks (the block
+        stays) and disk-tier leaves (the block goes; a parent whose last child is picked becomes a
+        candidate in the same call). The refs carry the block's own tier; the slot freed is
+        `disk_slot(hash)`. Nothing is changed here."""
+        heap = [self._heap_item(self._nodes[h]) for h in self._disk]
+        heapq.heapify(heap)
+        taken: dict[BlockHash, int] = {}
+        out: list[BlockRef] = []
+        while heap and len(out) < n:
+            node = heapq.heappop(heap)[-1]
+            out.append(node.ref())
+            parent = node.parent
+            if node.tier != DISK or parent is None or parent.refs or parent.tier != DISK:
+                continue
+            taken[parent.hash] = taken.get(parent.hash, 0) + 1
+            if len(parent.children) == taken[parent.hash]:
                 heapq.heappush(heap, self._heap_item(parent))
         return out
 
@@ -326,10 +418,29 @@ class PrefixTree:
             if node is None or node.hash not in self._nodes:
                 continue
             free = node.refs == 0
-            _set_member(self._spill, node.hash, free and node.tier == DEVICE and node.device_children == 0)
+            for tier, pool in self._spill.items():
+                _set_member(pool, node.hash, free and node.tier == tier and _same_tier_children(node) == 0)
             leaf = free and not node.children
-            _set_member(self._drop[DEVICE], node.hash, leaf and node.tier == DEVICE)
-            _set_member(self._drop[HOST], node.hash, leaf and node.tier == HOST)
+            for tier, pool in self._drop.items():
+                _set_member(pool, node.hash, leaf and node.tier == tier)
+            copy = free and node.disk_slot != NO_SLOT and (node.tier != DISK or not node.children)
+            _set_member(self._disk, node.hash, copy)
+
+
+def _count_child(parent: _Node, tier: Tier, delta: int) -> None:
+    if tier == DEVICE:
+        parent.device_children += delta
+    elif tier == HOST:
+        parent.host_children += delta
+
+
+def _same_tier_children(node: _Node) -> int:
+    """Children in the node's own tier (what must move down before it can)."""
+    if node.tier == DEVICE:
+        return node.device_children
+    if node.tier == HOST:
+        return node.host_children
+    return len(node.children)
 
 
 def _set_member(s: set, key, present: bool) -> None:

@@ -37,6 +37,7 @@ import torch
 
 from cache_store import (
     DEVICE_CACHE_GB,
+    DISK_CACHE_GB,
     HOST_CACHE_GB,
     CacheConfig,
     Counters,
@@ -53,7 +54,7 @@ from cache_store import (
 )
 from cache_store.counter_names import LeaseField, worker_request_counts
 from cache_store.hashing import BlockHash
-from cache_store.tree import DEVICE, HOST
+from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
@@ -107,7 +108,7 @@ class Engine:
         self.fingerprint = model_fingerprint or fingerprint(self.model, self.tokenizer, self.block_size)
         lay = loaded.layout
         shape = KVShape(lay.layers, lay.kv_heads, cache_config.block_size, lay.head_dim, self.dtype)
-        self.store = TieredStore(cache_config, shape, device)
+        self.store = TieredStore(cache_config, shape, device, fingerprint=self.fingerprint)
         self.counters = Counters()  # requests, peer fetches, audits; the store counts its blocks itself
         self.peer_fetcher = peer_fetcher
         self.blocks = BlockManager(self.store, self.block_size)
@@ -131,7 +132,9 @@ class Engine:
             prefill_s_per_token=self._measure_prefill(),
             promote_s_per_block=time_promotion(shape, device),
             max_running=self.config.max_running,
+            **self.store.time_disk_read(),  # disk tier: read cost terms ({} without one)
         )
+        self.store.set_read_policy(self._disk_read_pays)
         self.index = index
         self.keeper: LeaseKeeper | None = None
         if index is not None:
@@ -159,6 +162,8 @@ class Engine:
         audit_fraction: float = 0.0,
         max_running: int | None = None,
         max_batch_tokens: int | None = None,
+        disk_cache_dir: str | None = None,
+        disk_cache_gb: float = DISK_CACHE_GB,
     ) -> Engine:
         """Load 'demo' or a local Hugging Face causal-LM directory with a fresh cache.
 
@@ -166,9 +171,17 @@ class Engine:
         `audit_fraction` of cache hits are re-computed without the cache and compared
         (counters `audit_checked` / `audit_mismatches`; expected 0 mismatches).
         `max_running` / `max_batch_tokens`: batching limits (device defaults when None).
+        `disk_cache_dir`: a disk tier of `disk_cache_gb` in that directory (this engine's alone); an
+        engine started again on it serves what it finds there (same model only).
         """
         config = cache_config or CacheConfig.from_gb(
-            device_cache_gb, host_cache_gb, block_size=block_size, eviction=eviction, service=service
+            device_cache_gb,
+            host_cache_gb,
+            disk_cache_gb,
+            block_size=block_size,
+            eviction=eviction,
+            service=service,
+            disk_dir=None if disk_cache_dir is None else str(disk_cache_dir),
         )
         dev = resolve_device(device)
         engine_config = EngineConfig(max_running, max_batch_tokens)
@@ -325,6 +338,8 @@ class Engine:
         )
         if hint is not None and use_cache and self.peer_fetcher is not None:
             self._fetch_for(seq, hint)
+        if use_cache and self.store.disk is not None:
+            self._prefetch_from_disk(seq)  # disk tier: read here, not in the step loop
         self._inbox.append(seq)
         self._wake.set()
         return seq
@@ -417,6 +432,18 @@ class Engine:
             self._mark_pinned(last, False)
         return last is not None
 
+    def warm(self, prompts: Sequence[str | Sequence[int]], cache_salt: str | None = None) -> list[int]:
+        """Pre-warm: compute each prompt's KV (a prefill, no token generated) and pin its cached
+        prefix, so traffic that arrives later hits it; with a disk tier the pinned blocks are
+        written to disk first, so they survive a restart. Returns tokens pinned per prompt (0 for
+        a prompt that failed: too long, out of vocabulary, ...)."""
+        out = []
+        for prompt in prompts:
+            ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            done = self.run(Request(ids, max_new_tokens=0, cache_salt=cache_salt))
+            out.append(self.pin_prefix(ids, cache_salt) if done.ok else 0)
+        return out
+
     def _mark_pinned(self, last: BlockHash, pinned: bool) -> None:
         """Tell the index (for the dashboard); the pin itself is local and holds without it."""
         if self.index is None:
@@ -440,6 +467,7 @@ class Engine:
             "max_running": self.config.max_running,
             "max_batch_tokens": self.config.max_batch_tokens,
             LeaseField.PREFILL_US_PER_TOKEN: round(self.costs.prefill_s_per_token * 1e6, 3),
+            "disk_dir": self.store.config.disk_dir or "",
         }
 
     def gauges(self) -> dict[str, object]:
@@ -450,6 +478,10 @@ class Engine:
             "working_blocks": self.store.working_blocks,
             LeaseField.blocks(HOST): s.host.blocks,
             LeaseField.capacity(HOST): s.host.capacity,
+            LeaseField.blocks(DISK): s.disk.blocks,
+            LeaseField.capacity(DISK): s.disk.capacity,
+            LeaseField.DISK_BYTES: s.disk.bytes_used,
+            LeaseField.DISK_CAPACITY_BYTES: s.disk.bytes_capacity,
             "pinned_blocks": s.device.pinned + s.host.pinned,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
@@ -461,6 +493,7 @@ class Engine:
             **self.info(),
             "device_tier": s.device._asdict(),
             "host_tier": s.host._asdict(),
+            "disk_tier": s.disk._asdict(),
             "counters": {**s.counters, **self.counters.snapshot()},
             "costs": self.costs.to_dict(self.block_size),
             "index_connected": bool(self.keeper and self.keeper.connected),
@@ -479,6 +512,7 @@ class Engine:
             self.keeper.stop()
         if self.index is not None:
             self.index.close()
+        self.store.close()  # disk tier: writes what is queued, releases its directory
 
     # ---- stepping ----------------------------------------------------------------
 
@@ -686,6 +720,16 @@ class Engine:
         if got is not None:
             seq.peer_hold, lo, hi = got
             seq.peer_blocks = (lo, hi)
+
+    def _prefetch_from_disk(self, seq: Seq) -> None:
+        """Read the disk part of seq's cached prefix into the host tier in the submitting thread
+        (the store lock is released while the disk reads), so admission only promotes it."""
+        bs = self.block_size
+        self.store.prefetch(block_chain(seq.root, seq.prompt, bs), token_blocks(seq.prompt, bs))
+
+    def _disk_read_pays(self, n_blocks: int) -> bool:
+        """The store's read policy: a disk hit of n blocks is read only when that beats prefilling."""
+        return self.costs.disk_read_pays(n_blocks, self.block_size)
 
     def _audit(self, seq: Seq) -> None:
         """Recompute a hit without the cache (queued like any request); a difference beyond float

@@ -1,7 +1,7 @@
 import pytest
 
 from cache_store.policy import LFU, LRU, Priority
-from cache_store.tree import DEVICE, HOST, PrefixTree
+from cache_store.tree import DEVICE, DISK, HOST, PrefixTree
 
 from .helpers import add_path, chain
 
@@ -98,9 +98,9 @@ def test_stats_count_pinned_and_evictable():
     add_path(tree, [9] * 8, tier=HOST, slot0=5)
     tree.pin(a[:2])
     s = tree.stats()
-    assert s.blocks == {DEVICE: 3, HOST: 2}
-    assert s.pinned == {DEVICE: 2, HOST: 0}
-    assert s.evictable == {DEVICE: 1, HOST: 2}
+    assert s.blocks == {DEVICE: 3, HOST: 2, DISK: 0}
+    assert s.pinned == {DEVICE: 2, HOST: 0, DISK: 0}
+    assert s.evictable == {DEVICE: 1, HOST: 2, DISK: 0}
 
 
 def test_remove_only_unpinned_leaves():
