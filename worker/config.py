@@ -11,9 +11,10 @@ if TYPE_CHECKING:
     import torch
 
 # How a step attends (see worker.paged_attention). Defined here, not there, so reading the settings
-# (the CLI does) imports no torch.
-AttentionMode = Literal["per_request", "masked"]
-ATTENTION_MODES: tuple[AttentionMode, ...] = ("per_request", "masked")
+# (the CLI does) imports no torch. "auto": the fastest built for the device.
+AttentionBackend = Literal["cpu_kernel", "triton", "sdpa"]
+AttentionMode = Literal["auto", "cpu_kernel", "triton", "sdpa"]
+ATTENTION_MODES: tuple[AttentionMode, ...] = ("auto", "cpu_kernel", "triton", "sdpa")
 
 # (max_running, max_batch_tokens) when not given. CPU: a step of 256 tokens keeps decode latency
 # near 0.1 s on 2 cores with the demo model while 32 requests share each forward; GPU: the usual
@@ -29,7 +30,7 @@ class EngineConfig:
 
     max_running: int | None = None
     max_batch_tokens: int | None = None
-    attention: AttentionMode = "per_request"
+    attention: AttentionMode = "auto"
 
     def resolved(self, device: torch.device) -> EngineConfig:
         running, tokens = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])

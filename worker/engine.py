@@ -59,12 +59,19 @@ from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
 from worker.model_runner import ModelRunner
-from worker.models import LoadedModel, fingerprint, load_model, resolve_device, resolve_dtype
+from worker.models import (
+    LoadedModel,
+    fingerprint,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    use_input_major_weights,
+)
 from worker.output import Detokenizer, build_result, cut_at_stop
-from worker.paged_attention import ATTN_NAME
+from worker.paged_attention import ATTN_NAME, resolve_backend
 from worker.peer import PeerFetcher, PeerFetchError, PeerHint, fetch_prefix
 from worker.request import ErrorKind, Problem, Request, Result, prompt_ids_problem, stop_tuple
-from worker.sampling import make_generator, next_token
+from worker.sampling import GREEDY_BELOW, make_generator, next_token
 from worker.scheduler import Scheduler
 from worker.sequence import Chunk, Status
 from worker.sequence import Sequence as Seq
@@ -100,6 +107,8 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.model.set_attn_implementation(ATTN_NAME)
+        if device.type == "cpu":
+            use_input_major_weights(self.model)
         self.tokenizer = loaded.tokenizer
         self.device = device
         self.worker_id = worker_id
@@ -111,12 +120,21 @@ class Engine:
         self.store = TieredStore(cache_config, shape, device, fingerprint=self.fingerprint)
         self.counters = Counters()  # requests, peer fetches, audits; the store counts its blocks itself
         self.peer_fetcher = peer_fetcher
-        self.blocks = BlockManager(self.store, self.block_size)
+        rows = self.config.max_running
+        self.blocks = BlockManager(self.store, self.block_size, rows)
         self.scheduler = Scheduler(
             self.blocks, max_running=self.config.max_running, max_batch_tokens=self.config.max_batch_tokens
         )
+        self.attention = resolve_backend(self.config.attention, device)
+        max_blocks = min(self.store.device_pool.capacity, -(-loaded.max_context // self.block_size) + 1)
         self.runner = ModelRunner(
-            self.model, self.store.device_pool.data, self.block_size, device, self.config.attention
+            self.model,
+            self.store.device_pool.data,
+            self.block_size,
+            device,
+            self.attention,
+            rows=rows,
+            max_blocks=max_blocks,
         )
         self.detok = Detokenizer(self.tokenizer)
         # end-of-sequence ids, masked while a request is below its min_tokens
@@ -162,6 +180,7 @@ class Engine:
         audit_fraction: float = 0.0,
         max_running: int | None = None,
         max_batch_tokens: int | None = None,
+        attention: str = EngineConfig.attention,
         disk_cache_dir: str | None = None,
         disk_cache_gb: float = DISK_CACHE_GB,
     ) -> Engine:
@@ -171,6 +190,8 @@ class Engine:
         `audit_fraction` of cache hits are re-computed without the cache and compared
         (counters `audit_checked` / `audit_mismatches`; expected 0 mismatches).
         `max_running` / `max_batch_tokens`: batching limits (device defaults when None).
+        `attention`: "auto" (the fastest built for the device), "cpu_kernel" or "sdpa" (see
+        worker.paged_attention).
         `disk_cache_dir`: a disk tier of `disk_cache_gb` in that directory (this engine's alone); an
         engine started again on it serves what it finds there (same model only).
         """
@@ -184,7 +205,7 @@ class Engine:
             disk_dir=None if disk_cache_dir is None else str(disk_cache_dir),
         )
         dev = resolve_device(device)
-        engine_config = EngineConfig(max_running, max_batch_tokens)
+        engine_config = EngineConfig(max_running, max_batch_tokens, attention)
         engine_config.check()
         loaded = load_model(model, dev, resolve_dtype(dtype, dev))
         index = MetadataIndex(redis_url, config) if redis_url else None
@@ -324,10 +345,11 @@ class Engine:
             self.counters.add("rejected_requests")
             return Result.refused(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
         audit = use_cache and store and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
+        root = root_hash(self.fingerprint, req.cache_salt)
         seq = Seq(
             req,
             ids,
-            root_hash(self.fingerprint, req.cache_salt),
+            root,
             make_generator(req.seed),
             t0,
             sink=sink,
@@ -335,6 +357,8 @@ class Engine:
             store=store,
             capture_logits=capture_logits or audit,
             audit=audit,
+            chain=block_chain(root, ids, self.block_size),  # the only time a prompt is hashed here
+            chain_blocks=token_blocks(ids, self.block_size),
         )
         if hint is not None and use_cache and self.peer_fetcher is not None:
             self._fetch_for(seq, hint)
@@ -466,6 +490,7 @@ class Engine:
             "vocab_size": self.loaded.vocab_size,
             "max_running": self.config.max_running,
             "max_batch_tokens": self.config.max_batch_tokens,
+            "attention": self.attention,
             LeaseField.PREFILL_US_PER_TOKEN: round(self.costs.prefill_s_per_token * 1e6, 3),
             "disk_dir": self.store.config.disk_dir or "",
         }
@@ -562,8 +587,9 @@ class Engine:
             for seq, n in batch:
                 self.blocks.commit(seq, n)
                 self.scheduler.committed(seq)
-            for seq, row in zip(sampled, logits):
-                self._sample(seq, row)
+            greedy = logits.argmax(dim=-1).tolist() if sampled else []  # one call for the whole batch
+            for seq, row, top in zip(sampled, logits, greedy):
+                self._sample(seq, row, top)
             return True
 
     def _forward_alone(self, batch, error: Exception):
@@ -573,7 +599,7 @@ class Engine:
         yet. Returns the parts that ran, their logits rows and the requests those rows sample."""
         if len(batch) == 1:
             self._fail(batch[0][0], _forward_failed(error), ErrorKind.INTERNAL)
-            return [], [], []
+            return [], None, []
         ran, rows, sampled = [], [], []
         for seq, n in batch:
             try:
@@ -582,9 +608,9 @@ class Engine:
                 self._fail(seq, _forward_failed(e), ErrorKind.INTERNAL)
                 continue
             ran.append((seq, n))
-            rows += list(logits)
+            rows.append(logits)
             sampled += got
-        return ran, rows, sampled
+        return ran, torch.cat(rows) if rows else None, sampled
 
     def _reap(self) -> None:
         """Move new requests in; drop cancelled ones (blocks freed)."""
@@ -616,17 +642,18 @@ class Engine:
         )
         return True
 
-    def _sample(self, seq: Seq, logits: torch.Tensor) -> None:
+    def _sample(self, seq: Seq, logits: torch.Tensor, top: int) -> None:
         """Choose seq's next token and emit what it adds. A failure here (its sampling, its stop
         strings, its detokenizing, its sink) is this request's alone: it fails, the batch goes on."""
         try:
-            self._sample_one(seq, logits)
+            self._sample_one(seq, logits, top)
         except Exception as e:
             log.exception("request %s failed after its forward", seq.req.id)
             if not seq.done.is_set():
                 self._fail(seq, f"internal error in the engine: {type(e).__name__}: {e}", ErrorKind.INTERNAL)
 
-    def _sample_one(self, seq: Seq, logits: torch.Tensor) -> None:
+    def _sample_one(self, seq: Seq, logits: torch.Tensor, top: int) -> None:
+        """`top`: the row's argmax, the token of a greedy request (found for the batch at once)."""
         if seq.capture_logits and seq.prompt_logits is None:
             seq.prompt_logits = logits.detach().float().cpu()
         req = seq.req
@@ -635,7 +662,10 @@ class Engine:
         early = len(seq.out) < req.min_tokens
         if early and len(self._eos_list):
             logits = logits.index_fill(0, self._eos_list, float("-inf"))
-        tok = next_token(logits, req.temperature, req.top_k, req.top_p, seq.generator)
+        if req.temperature < GREEDY_BELOW and not early:
+            tok = top
+        else:
+            tok = next_token(logits, req.temperature, req.top_k, req.top_p, seq.generator)
         seq.out.append(tok)
         seq.mark_first_token()
         if tok in self.loaded.eos_ids and not req.ignore_eos and not early:
@@ -705,15 +735,13 @@ class Engine:
         return ids, None
 
     def _fetch_for(self, seq: Seq, hint: PeerHint) -> None:
-        bs = self.block_size
-        hashes = block_chain(seq.root, seq.prompt, bs)
         got = fetch_prefix(
             self.store,
             self.costs,
             self.peer_fetcher,
             hint,
-            hashes,
-            token_blocks(seq.prompt, bs),
+            seq.chain,
+            seq.chain_blocks,
             self.dtype,
             self.counters,
         )
@@ -724,8 +752,7 @@ class Engine:
     def _prefetch_from_disk(self, seq: Seq) -> None:
         """Read the disk part of seq's cached prefix into the host tier in the submitting thread
         (the store lock is released while the disk reads), so admission only promotes it."""
-        bs = self.block_size
-        self.store.prefetch(block_chain(seq.root, seq.prompt, bs), token_blocks(seq.prompt, bs))
+        self.store.prefetch(seq.chain, seq.chain_blocks)
 
     def _disk_read_pays(self, n_blocks: int) -> bool:
         """The store's read policy: a disk hit of n blocks is read only when that beats prefilling."""

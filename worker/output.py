@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 from worker.request import Result
 from worker.sequence import Chunk, Sequence
@@ -22,30 +23,69 @@ def cut_at_stop(text: str, stops: Seq[str]) -> str | None:
     return text[: min(cuts)] if cuts else None
 
 
+@dataclass
+class DecodeState:
+    """Where a request's incremental detokenizing stands: `text` is the text of out[:read];
+    out[prefix:read] is the window decoded again beside each new token (a token's text can
+    depend on its neighbours, e.g. a multi-byte character split across tokens)."""
+
+    text: str = ""
+    prefix: int = 0
+    read: int = 0
+    sent: int = 0  # characters of `text` already streamed
+    checked: int = 0  # characters of `text` already searched for stop strings
+
+
 class Detokenizer:
+    """Text from token ids at O(new tokens) per step (vLLM's incremental scheme): each step decodes
+    only a short window at the tail; the Result's text is one full decode at the end."""
+
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
     def text(self, seq: Sequence) -> str:
         return self.tokenizer.decode(seq.out, skip_special_tokens=True)
 
+    def _advance(self, seq: Sequence) -> DecodeState:
+        st = seq.detok
+        if st is None:
+            st = seq.detok = DecodeState()
+        if st.read < len(seq.out):
+            decode = self.tokenizer.decode
+            before = decode(seq.out[st.prefix : st.read], skip_special_tokens=True)
+            after = decode(seq.out[st.prefix :], skip_special_tokens=True)
+            if len(after) > len(before) and not after.endswith("\ufffd"):
+                st.text += after[len(before) :]
+                st.prefix, st.read = st.read, len(seq.out)
+        return st
+
     def stop_hit(self, seq: Sequence) -> bool:
-        return bool(seq.req.stop) and cut_at_stop(self.text(seq), seq.req.stop) is not None
+        """Does the text so far contain a stop string? Searches only text not searched before
+        (plus the longest stop's length, for a stop string that straddles the boundary)."""
+        stops = seq.req.stop
+        if not stops:
+            return False
+        st = self._advance(seq)
+        start = max(0, st.checked - max(map(len, stops)) + 1)
+        st.checked = len(st.text)
+        return any(st.text.find(s, start) >= 0 for s in stops)
 
     def piece(self, seq: Sequence, final: bool) -> Chunk | None:
         """New text and token ids since the last piece (all the text when final, cut at a stop
-        string). Token ids are never held back: a piece may carry ids and no text yet."""
-        text = self.text(seq)
+        string). Token ids are never held back: a piece may carry ids and no text yet. Streamed
+        text holds back what may still change: an incomplete character and, with stop strings,
+        the last len(longest stop) - 1 characters."""
+        st = self._advance(seq)
         if final:
+            text = self.text(seq)
             cut = cut_at_stop(text, seq.req.stop) if seq.req.stop else None
             end = len(text if cut is None else cut)
         else:
+            text = st.text
             end = len(text) - (max(map(len, seq.req.stop)) - 1 if seq.req.stop else 0)
-            if text[:end].endswith("\ufffd"):
-                end -= 1
-        new_text = text[seq.sent_text : end] if end > seq.sent_text else ""
+        new_text = text[st.sent : end] if end > st.sent else ""
         new_ids = tuple(seq.out[seq.sent_tokens :])
-        seq.sent_text = max(end, seq.sent_text)
+        st.sent = max(end, st.sent)
         seq.sent_tokens = len(seq.out)
         return Chunk(new_text, new_ids) if new_text or new_ids else None
 

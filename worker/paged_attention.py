@@ -6,20 +6,26 @@ tokens of every scheduled request side by side and per-token position ids
 transformers as attention implementation `ATTN_NAME`; each layer calls it with
 the new tokens' query/key/value, and it
 
-  1. writes the new keys and values into their pool slots
-     (`pool[slot, layer, 0|1, :, offset]`), then
-  2. for each request, reads its whole context from the pool through its block
-     table and attends to it (causal within the request's new tokens).
+  1. writes the new keys and values into their pool slots, then
+  2. lets every request attend to its whole context, read in place from the
+     pool through its block table (causal within the request's new tokens).
 
-So a cached prefix is read in place from the blocks the request holds (no
-copy into a per-request cache), and a block a request fills is already where
-the cache keeps it. Requests never see each other's tokens.
+So a cached prefix is read where the cache keeps it (no copy into a
+per-request cache), and a block a request fills is already where the cache
+keeps it. Requests never see each other's tokens.
 
-Two ways to run step 2, chosen per step by `AttentionMode`: one SDPA call per
-request (work proportional to each request's own context), or one SDPA call
-for the whole batch with a block-diagonal causal mask (one kernel, but work
-proportional to tokens x all contexts). `BENCHMARKS.md` has the measurement
-behind the default.
+Backends (`Engine.info()["attention"]` names the one running):
+  - "cpu_kernel": `worker.kernels`' C++ op, one call per layer for every
+    request with at most `KERNEL_MAX_QUERY` new tokens (decodes, short
+    suffixes after a cache hit); a longer prefill chunk is one SDPA call of
+    its own, where SDPA's matrix kernels beat a per-row loop (BENCHMARKS.md).
+  - "triton" (CUDA): `worker.kernels.triton_paged`, one launch per layer for
+    every request, prefill chunks included (tiles of 16 rows on tensor cores).
+  - "sdpa": one SDPA call per request over a copy of its context; the
+    fallback wherever neither is available.
+Either way a request's attention depends only on its own tokens and chunk,
+never on what shares the step (invariant 1's batch independence at
+`max_running=1` holds).
 
 Outside a step (plain `generate()` on the same model, as the exactness tests
 do) the function is plain SDPA, so registering it changes nothing else.
@@ -36,77 +42,108 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from worker.config import AttentionMode
+from worker.config import AttentionBackend, AttentionMode
 
 ATTN_NAME = "prefixcache_paged"
+# Query rows of one request above which its attention is one SDPA call rather than part of the kernel's
+# call: measured on 2 cores (smollm2, 500-token context) the kernel wins at 16 rows, SDPA from 64.
+KERNEL_MAX_QUERY = 32
 
 
 @dataclass(frozen=True)
-class Span:
-    """One request's part of a step: query rows [q_start, q_start + q_len) attend to its first
-    `ctx` tokens, which live at (slots[i], offsets[i]) in the pool."""
+class StepMeta:
+    """Where one forward's new tokens go and what each of its B requests attends; built once per step
+    by the runner, read by every layer."""
 
-    q_start: int
-    q_len: int
-    ctx: int
-    blocks: torch.Tensor  # [ceil(ctx / block_size)] long, device: the block table's first entries
-    slots: torch.Tensor  # [ctx] long, device: blocks, one entry per token
-    offsets: torch.Tensor  # [ctx] long, device
+    write_slots: torch.Tensor  # [T] int64: block * block_size + offset of each new token
+    tables: torch.Tensor  # [B, max_blocks] int32, contiguous: each request's block table (padded)
+    ctx_lens: torch.Tensor  # [B] int32: context after this step (cached + new tokens)
+    q_starts: torch.Tensor  # [B] int32: the request's first row among the T new tokens
+    q_lens: torch.Tensor  # [B] int32
+    spans: tuple[tuple[int, int, int], ...]  # the same (q_start, q_len, ctx) as host ints
 
 
 class StepAttention:
-    """Everything one forward's attention needs; built once per step, used by every layer."""
+    """One forward's attention through `backend`; built once per step, used by every layer."""
 
-    def __init__(
-        self,
-        pool: torch.Tensor,  # [capacity, layers, 2, kv_heads, block_size, head_dim]
-        spans: list[Span],
-        write_slots: torch.Tensor,  # [T] slot of each new token
-        write_offsets: torch.Tensor,  # [T] offset in its block
-        mode: AttentionMode,
-    ):
-        self.pool = pool
-        self.spans = spans
-        self.write_slots = write_slots
-        self.write_offsets = write_offsets
-        self.mode = mode
-        self.masks = [_causal_tail(s.q_len, s.ctx, pool.device) for s in spans] if mode == "per_request" else []
-        if mode == "masked":
-            self.all_slots = torch.cat([s.slots for s in spans])
-            self.all_offsets = torch.cat([s.offsets for s in spans])
-            self.block_mask = _block_diagonal_causal(spans, pool.device)
+    def __init__(self, pool: torch.Tensor, meta: StepMeta, backend: AttentionBackend):
+        self.pool = pool  # [capacity, layers, 2, kv_heads, block_size, head_dim]
+        self.meta = meta
+        self.backend = backend
+        bs = pool.shape[4]
+        self._write_blocks = meta.write_slots // bs
+        self._write_offsets = meta.write_slots % bs
+        self._max_q = max(q_len for _, q_len, _ in meta.spans)
+        if backend == "triton":
+            self.alone = []
+            self.kernel_args = (meta.tables, meta.ctx_lens, meta.q_starts, meta.q_lens)
+        elif backend == "cpu_kernel":
+            long = [i for i, (_, q_len, _) in enumerate(meta.spans) if q_len > KERNEL_MAX_QUERY]
+            self.alone = long  # requests attended by SDPA on their own
+            self.kernel_args = _subset(meta, [i for i in range(len(meta.spans)) if i not in set(long)])
+        else:
+            self.alone = list(range(len(meta.spans)))
+            self.kernel_args = None
+        self._masks = {i: _causal_tail(meta.spans[i][1], meta.spans[i][2], pool.device) for i in self.alone}
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
         """q: [1, heads, T, head_dim]; k, v: [1, kv_heads, T, head_dim] (new tokens only).
         Returns [1, T, heads, head_dim], the layout transformers' attention functions return."""
+        self._write(layer, k[0], v[0])
+        T, heads, dim = q.shape[2], q.shape[1], q.shape[3]
+        if self.kernel_args is None and len(self.alone) == 1:
+            return self._sdpa(layer, q, 0, scale).transpose(1, 2)
+        out = torch.empty((T, heads, dim), dtype=q.dtype, device=q.device)
+        if self.backend == "triton":
+            from worker.kernels import triton_paged
+
+            triton_paged.paged_attention(out, q[0], self.pool, layer, *self.kernel_args, scale, self._max_q)
+        elif self.kernel_args is not None:
+            torch.ops.prefixcache.paged_attention(out, q[0], self.pool, layer, *self.kernel_args, scale)
+        for i in self.alone:
+            q_start, q_len, _ = self.meta.spans[i]
+            out[q_start : q_start + q_len] = self._sdpa(layer, q, i, scale)[0].transpose(0, 1)
+        return out.unsqueeze(0)
+
+    def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [kv_heads, T, head_dim] into their slots of `layer`."""
+        if self.backend == "cpu_kernel":
+            torch.ops.prefixcache.write_kv(self.pool, layer, k, v, self.meta.write_slots)
+            return
         keys = self.pool[:, layer, 0].permute(1, 0, 2, 3)  # [kv_heads, capacity, block, dim], a view
         values = self.pool[:, layer, 1].permute(1, 0, 2, 3)
-        keys[:, self.write_slots, self.write_offsets] = k[0].to(keys.dtype)
-        values[:, self.write_slots, self.write_offsets] = v[0].to(values.dtype)
-        gqa = q.shape[1] != k.shape[1]
-        if self.mode == "masked":
-            kk = keys[:, self.all_slots, self.all_offsets].unsqueeze(0)
-            vv = values[:, self.all_slots, self.all_offsets].unsqueeze(0)
-            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=self.block_mask, scale=scale, enable_gqa=gqa)
-            return out.transpose(1, 2)
-        outs = []
-        for span, mask in zip(self.spans, self.masks):
-            qq = q[:, :, span.q_start : span.q_start + span.q_len]
-            kk = _context(self.pool[:, layer, 0], span)
-            vv = _context(self.pool[:, layer, 1], span)
-            outs.append(F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return out.transpose(1, 2)
+        keys[:, self._write_blocks, self._write_offsets] = k.to(keys.dtype)
+        values[:, self._write_blocks, self._write_offsets] = v.to(values.dtype)
+
+    def _sdpa(self, layer: int, q: torch.Tensor, i: int, scale: float) -> torch.Tensor:
+        """Request i's attention by SDPA over a copy of its context: [1, heads, q_len, dim]."""
+        q_start, q_len, ctx = self.meta.spans[i]
+        blocks = self.meta.tables[i, : -(-ctx // self.pool.shape[4])].long()
+        kk = _context(self.pool[:, layer, 0], blocks, ctx)
+        vv = _context(self.pool[:, layer, 1], blocks, ctx)
+        qq = q[:, :, q_start : q_start + q_len]
+        gqa = q.shape[1] != kk.shape[1]
+        return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=self._masks[i], scale=scale, enable_gqa=gqa)
 
 
-def _context(tier: torch.Tensor, span: Span) -> torch.Tensor:
+def _subset(meta: StepMeta, rows: list[int]) -> tuple[torch.Tensor, ...] | None:
+    """The kernel's (tables, ctx_lens, q_starts, q_lens) for requests `rows` of the step."""
+    if not rows:
+        return None
+    if len(rows) == len(meta.spans):
+        return meta.tables, meta.ctx_lens, meta.q_starts, meta.q_lens
+    idx = torch.tensor(rows, dtype=torch.long, device=meta.tables.device)
+    return tuple(t.index_select(0, idx) for t in (meta.tables, meta.ctx_lens, meta.q_starts, meta.q_lens))
+
+
+def _context(tier: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:
     """[1, kv_heads, ctx, dim] of one request from `tier` ([capacity, kv_heads, block, dim]).
 
     Whole blocks are copied (one contiguous chunk each), then laid end to end: measured on CPU at
     16 requests x 1k context, about half the time of gathering token by token through (slot, offset)."""
-    got = tier.index_select(0, span.blocks)  # [n, kv_heads, block, dim]
+    got = tier.index_select(0, blocks)  # [n, kv_heads, block, dim]
     n, heads, block, dim = got.shape
-    return got.transpose(0, 1).reshape(1, heads, n * block, dim)[:, :, : span.ctx]
+    return got.transpose(0, 1).reshape(1, heads, n * block, dim)[:, :, :ctx]
 
 
 def _causal_tail(q_len: int, ctx: int, device) -> torch.Tensor | None:
@@ -117,17 +154,30 @@ def _causal_tail(q_len: int, ctx: int, device) -> torch.Tensor | None:
     return torch.arange(ctx, device=device).unsqueeze(0) <= rows
 
 
-def _block_diagonal_causal(spans: list[Span], device) -> torch.Tensor:
-    """[T, sum ctx]: each request's new tokens see only its own context, causally."""
-    total_q = sum(s.q_len for s in spans)
-    total_k = sum(s.ctx for s in spans)
-    mask = torch.zeros((total_q, total_k), dtype=torch.bool, device=device)
-    k0 = 0
-    for s in spans:
-        rows = torch.arange(s.ctx - s.q_len, s.ctx, device=device).unsqueeze(1)
-        mask[s.q_start : s.q_start + s.q_len, k0 : k0 + s.ctx] = torch.arange(s.ctx, device=device) <= rows
-        k0 += s.ctx
-    return mask
+def resolve_backend(mode: AttentionMode, device: torch.device) -> AttentionBackend:
+    """The backend a step uses for `mode` on `device`; "cpu_kernel" asked for where it cannot run
+    is an error that says why."""
+    from worker import kernels
+
+    if mode == "sdpa":
+        return "sdpa"
+    usable: dict[str, bool] = {
+        "cpu_kernel": device.type == "cpu" and kernels.load(),
+        "triton": device.type == "cuda" and _triton_importable(),
+    }
+    if mode != "auto":
+        if not usable[mode]:
+            raise ValueError(f'attention "{mode}" is not available on {device.type} here; use "auto" or "sdpa"')
+        return mode
+    return next((name for name, ok in usable.items() if ok), "sdpa")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 _current = threading.local()
@@ -153,7 +203,8 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    return step.attend(module.layer_idx, query, key, value, scaling), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return step.attend(module.layer_idx, query, key, value, scale), None
 
 
 AttentionInterface.register(ATTN_NAME, paged_attention)

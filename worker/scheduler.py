@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-from cache_store import BlockHash, block_chain
+from cache_store import BlockHash
 from worker.block_manager import BlockManager
 from worker.sequence import Sequence, Status
 
@@ -58,7 +58,9 @@ class Scheduler:
             if seq.status is not Status.RUNNING or budget <= 0:
                 continue
             n = min(seq.to_feed, budget)
-            if self._reserve(seq, n, batch, preempted):
+            fits, freed = self._reserve(seq, n, batch, preempted)
+            budget += freed
+            if fits:
                 batch.append((seq, n))
                 budget -= n
         if not preempted:
@@ -69,11 +71,10 @@ class Scheduler:
         deferred: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_running and budget > 0:
             seq = self.waiting.popleft()
-            device_hits = self.blocks.admit(seq)
             if self._would_duplicate(seq) and (self.running or self.waiting):
-                self.blocks.release(seq)
-                deferred.append(seq)
+                deferred.append(seq)  # checked before pinning: a deferred request holds nothing new
                 continue
+            device_hits = self.blocks.admit(seq)
             n = min(seq.to_feed, budget)
             if not self.blocks.reserve(seq, n):
                 self.blocks.release(seq)
@@ -86,12 +87,10 @@ class Scheduler:
 
     def _would_duplicate(self, seq: Sequence) -> bool:
         """Is the first prompt block this request would compute being computed by a running one?"""
-        i = len(seq.hashes)
-        bs = self.blocks.block_size
-        if not seq.use_cache or (i + 1) * bs > len(seq.prompt) or not self._computing:
+        if not seq.use_cache or not self._computing:
             return False
-        nxt = block_chain(seq.hashes[-1] if i else seq.root, seq.prompt[i * bs : (i + 1) * bs], bs)
-        return bool(nxt) and self._computing[nxt[0]] > 0
+        i = self.blocks.cached_blocks(seq)
+        return i < len(seq.prompt) // self.blocks.block_size and self._computing[seq.chain[i]] > 0
 
     def _start(self, seq: Sequence, device_hits: int) -> None:
         if seq.admitted is None:
@@ -100,30 +99,33 @@ class Scheduler:
         seq.status = Status.RUNNING
         self.running.append(seq)
         if seq.store and seq.use_cache:
-            plan = block_chain(seq.root, seq.prompt, self.blocks.block_size)[len(seq.hashes) :]
-            self._plans[id(seq)] = (len(seq.hashes), plan)
+            first = seq.blocks.full
+            plan = seq.chain[first : len(seq.prompt) // self.blocks.block_size]
+            self._plans[id(seq)] = (first, plan)
             self._computing.update(plan)
 
     def committed(self, seq: Sequence) -> None:
         """After a step: blocks it finished are cached now, no longer 'being computed'."""
         first, plan = self._plans.get(id(seq), (0, []))
-        done = len(seq.hashes) - first
+        done = seq.blocks.full - first
         if plan and done > 0:
             self._computing.subtract(plan[:done])
             self._computing += Counter()  # drop zero counts
             self._plans[id(seq)] = (first + done, plan[done:])
 
-    def _reserve(self, seq: Sequence, n: int, batch, preempted) -> bool:
+    def _reserve(self, seq: Sequence, n: int, batch, preempted) -> tuple[bool, int]:
         """Blocks for seq's next n tokens, preempting the newest running requests as needed.
-        False if seq itself had to be preempted."""
+        Returns (whether seq fits, tokens of the step's budget that preempted requests gave back)."""
+        freed = 0
         while not self.blocks.reserve(seq, n):
             victim = self.running[-1]
             self.preempt(victim)
             preempted.append(victim)
+            freed += sum(k for s, k in batch if s is victim)
             batch[:] = [(s, k) for s, k in batch if s is not victim]
             if victim is seq:
-                return False
-        return True
+                return False, freed
+        return True, freed
 
     def preempt(self, seq: Sequence) -> None:
         self.finish(seq)

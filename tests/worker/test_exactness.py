@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cache_store import CacheConfig, KVShape
-from worker.engine import Engine
+from worker import kernels
+from worker.engine import Engine, EngineConfig
 from worker.models import load_model
 from worker.request import Request
 
@@ -21,14 +22,14 @@ from .reference import check, check_logits, check_run, rand_ids
 MODELS = ["demo", "llama", "qwen2", "mistral", "gemma"]
 
 
-def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_size=None) -> Engine:
+def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_size=None, attention="auto") -> Engine:
     path = "demo" if name == "demo" else str(tiny_dirs[name])
     loaded = load_model(path, torch.device("cpu"), torch.float32)
     bs = block_size or (CacheConfig.block_size if name == "demo" else 8)
     lay = loaded.layout
     block_bytes = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
     cfg = CacheConfig(block_size=bs, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
-    return Engine(loaded, cfg, device=torch.device("cpu"))
+    return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(attention=attention))
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -44,6 +45,19 @@ def test_every_cached_length(tiny_dirs, name):
     r = check(engine, w[: 3 * bs], 3 * bs - 1)  # whole prompt cached: the last token is recomputed
     assert r.cached_device_tokens == 3 * bs - 1
     check(engine, rand_ids(2 * bs + 3, seed=2), 0)  # unrelated prompt: no hit
+
+
+@pytest.mark.parametrize("name", ["demo", "llama"])
+def test_every_cached_length_with_the_sdpa_fallback(tiny_dirs, name):
+    """The fallback (no compiler on the machine) keeps the same promise; "auto" picks the kernel on CPU."""
+    assert make_engine(tiny_dirs, name).info()["attention"] == ("cpu_kernel" if kernels.load() else "sdpa")
+    engine = make_engine(tiny_dirs, name, attention="sdpa")
+    assert engine.info()["attention"] == "sdpa"
+    bs = engine.block_size
+    w = rand_ids(3 * bs + 5, seed=1)
+    check(engine, w, 0)
+    check(engine, w[: 2 * bs] + [(t + 1) % 256 for t in w[2 * bs : 3 * bs + 2]], 2 * bs)
+    check(engine, w[: 3 * bs], 3 * bs - 1)
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -1,0 +1,77 @@
+"""Compiled kernels: the CPU paged attention op (`torch.ops.prefixcache.*`), built once per machine.
+
+`paged_attention_cpu.cpp` is compiled with torch's own C++ extension tooling (g++, ninja) the first
+time it is needed, or ahead of time by `python -m worker.kernels` (the Makefile runs it at install),
+into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions). The name carries a digest of the source, the torch
+version and this CPU's instruction-set flags, because the build uses `-march=native`: a machine
+with other flags (a node of another kind sharing the cache directory) builds its own.
+
+`load()` returns False, with the reason logged, where no compiler is available: the engine
+then attends with per-request SDPA (`Engine.info()["attention"]` names what runs).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_name() -> str:
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
+        digest.update(part)
+    return f"prefixcache_kernels_{digest.hexdigest()[:12]}"
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the `ninja` wheel's binary is not there unless the venv is
+    activated (a Ray worker, `.venv/bin/python` run directly)."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    bin_dir = getattr(ninja, "BIN_DIR", None)
+    path = os.environ.get("PATH", "")
+    if bin_dir and bin_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + path
+
+
+@functools.cache
+def load() -> bool:
+    """Build (first time on this machine) and load the ops; False, with the reason logged, if they
+    cannot be built here."""
+    from torch.utils import cpp_extension
+
+    _put_ninja_on_path()
+    try:
+        cpp_extension.load(
+            name=build_name(),
+            sources=[str(SOURCE)],
+            extra_cflags=FLAGS,
+            is_python_module=False,
+            verbose=bool(os.environ.get("PREFIXCACHE_KERNEL_VERBOSE")),
+        )
+    except Exception as e:  # no compiler, no ninja, a build error: serve without the kernel
+        log.warning("the CPU paged attention kernel could not be built (%s); attention falls back to SDPA", e)
+        return False
+    return hasattr(torch.ops.prefixcache, "paged_attention")
