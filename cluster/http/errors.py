@@ -6,10 +6,16 @@ Clients written for OpenAI (the `openai` package raises `BadRequestError`, `Auth
 
 from __future__ import annotations
 
+import json
+import logging
 from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from worker.request import ErrorKind
 
+log = logging.getLogger(__name__)
 INVALID = "invalid_request_error"
 
 
@@ -24,6 +30,18 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: whatever a message quotes from the request (a lone surrogate
+    included) is escaped, so rendering an error can never fail in turn."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def response(e: APIError) -> ErrorResponse:
+    return ErrorResponse(e.body(), status_code=e.status)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -47,6 +65,10 @@ def too_large(size: int, limit: int) -> APIError:
     return APIError(
         413, f"request body is {size:,} bytes; the limit is {limit:,}: send a shorter prompt", code="request_too_large"
     )
+
+
+def internal(message: str) -> APIError:
+    return APIError(500, message, type="server_error", code="internal_error")
 
 
 def unavailable(message: str) -> APIError:
@@ -81,3 +103,37 @@ def from_result(result: dict[str, Any]) -> APIError:
     kind = result.get("error_kind")
     status, type_, code = _BY_KIND.get(ErrorKind(kind) if kind else ErrorKind.INTERNAL, _BY_KIND[ErrorKind.INTERNAL])
     return APIError(status, result["error"], type=type_, code=code)
+
+
+def from_validation(e: RequestValidationError) -> APIError:
+    """FastAPI's own parameter checks (query and path parameters) as a 400 naming the field."""
+    first = (e.errors() or [{}])[0]
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    return bad_request(f"{where or 'the request'}: {first.get('msg', 'invalid')}", param=where)
+
+
+class CatchAll:
+    """ASGI middleware: an exception that escapes a route is a 500 in OpenAI's JSON shape (Starlette
+    would answer plain text), logged here with its traceback, which the client never sees. Once a
+    response has started (a stream), no status can be sent: the connection closes."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                fault = internal(f"internal error in the HTTP API ({type(e).__name__}); the server logged it")
+                await response(fault)(scope, receive, send)

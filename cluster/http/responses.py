@@ -12,23 +12,25 @@ import uuid
 from typing import Any
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Result.finish_reason -> OpenAI's
-SSE_DONE = b"data: [DONE]\n\n"
+SSE_END = "[DONE]"  # the data of a stream's last event
+SSE_DONE = f"data: {SSE_END}\n\n".encode()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OMIT = object()  # a chunk without a usage field
 
 
 def new_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
+def counts(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
 def usage(results: list[dict[str, Any]]) -> dict[str, Any]:
     prompt = sum(r["prompt_tokens"] for r in results)
     completion = sum(len(r["token_ids"]) for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(r["cached_tokens"] for r in results)},
-    }
+    cached = sum(r["cached_tokens"] for r in results)
+    return {**counts(prompt, completion), "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def finish_reason(result: dict[str, Any]) -> str:
@@ -75,10 +77,10 @@ class Responder:
             "usage": usage(results),
         }
 
-    def chunk(
-        self, text: str | None, finish: str | None = None, *, first: bool = False, with_usage: bool = False
-    ) -> bytes:
-        """One SSE event with a piece of text (or the final finish_reason)."""
+    def chunk(self, text: str | None, finish: str | None = None, *, first: bool = False, usage: Any = OMIT) -> bytes:
+        """One SSE event with a piece of text (or the final finish_reason); `usage` is the chunk's
+        usage field: null (include_usage: OpenAI sends null on every chunk but the last), the usage
+        so far (continuous_usage_stats), or OMIT."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
@@ -87,8 +89,8 @@ class Responder:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         body = {**self._head(self._chunk_object()), "choices": [choice]}
-        if with_usage:
-            body["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
+        if usage is not OMIT:
+            body["usage"] = usage
         return sse(body)
 
     def usage_chunk(self, result: dict[str, Any]) -> bytes:

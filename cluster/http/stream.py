@@ -6,12 +6,17 @@ Cancelling the generator cancels the request on its worker, which frees its KV b
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 
-from cluster.http.errors import from_result
-from cluster.http.responses import SSE_DONE, Responder, finish_reason, sse
+from cluster.http.errors import from_result, internal, unavailable
+from cluster.http.responses import OMIT, SSE_DONE, Responder, counts, finish_reason, sse
+
+log = logging.getLogger(__name__)
 
 
 class RouterStream:
@@ -38,25 +43,56 @@ class RouterStream:
             ray.cancel(self._gen)
 
 
-async def sse_events(stream: RouterStream, item: dict[str, Any], chat: bool, usage: bool, responder: Responder):
-    """SSE chunks in OpenAI's shape, ending with `data: [DONE]`. Leaving early (a client that
-    disconnects cancels this generator) cancels the request on its worker and frees its blocks."""
+@dataclass
+class Usage:
+    """What the stream's chunks say about usage: nothing, null until the last chunk (include_usage),
+    or the counts so far on every chunk (continuous_usage_stats)."""
+
+    include: bool
+    continuous: bool
+    prompt_tokens: int
+    generated: int = 0
+
+    def field(self) -> Any:
+        if self.continuous:
+            return counts(self.prompt_tokens, self.generated)
+        return None if self.include else OMIT
+
+
+async def sse_events(
+    stream: RouterStream,
+    item: dict[str, Any],
+    usage: Usage,
+    responder: Responder,
+    finished: Callable[[dict[str, Any]], None],
+):
+    """SSE chunks in OpenAI's shape, ending with `data: [DONE]`; `finished` gets the Result dict.
+    Leaving early (a client that disconnects cancels this generator) cancels the request on its
+    worker and frees its blocks. Once text was sent the status line is gone: a failure after that
+    is an error event in the stream, in OpenAI's error shape."""
     try:
-        if chat:
-            yield responder.chunk(None, first=True, with_usage=usage)
-        while True:
-            if "result" in item:
-                result = item["result"]
-                if result.get("error"):  # after text was sent: the status line is gone, say it in the stream
-                    yield sse(from_result(result).body())
-                else:
-                    yield responder.chunk(None, finish_reason(result), with_usage=usage)
-                    if usage:
-                        yield responder.usage_chunk(result)
-                break
+        if responder.chat:
+            yield responder.chunk(None, first=True, usage=usage.field())
+        while "result" not in item:
+            usage.generated += len(item["token_ids"])
             if item["text"]:
-                yield responder.chunk(item["text"], with_usage=usage)
+                yield responder.chunk(item["text"], usage=usage.field())
             item = await stream.next()
+        result = item["result"]
+        if result.get("error"):
+            yield sse(from_result(result).body())
+        else:
+            finished(result)
+            yield responder.chunk(None, finish_reason(result), usage=usage.field())
+            if usage.include:
+                yield responder.usage_chunk(result)
+        yield SSE_DONE
+    except ray.exceptions.RayActorError as e:
+        yield sse(unavailable(f"the router stopped mid-answer ({type(e).__name__}); resend the request").body())
+        yield SSE_DONE
+    except Exception as e:
+        log.exception("streaming an answer failed")
+        yield sse(internal(f"internal error while streaming ({type(e).__name__}); resend the request").body())
         yield SSE_DONE
     finally:
         stream.cancel()
