@@ -60,7 +60,7 @@ from cluster.http.stream import RouterStream, Usage, sse_events
 from cluster.release import PREFIXCACHE_VERSION
 from cluster.service import find_router, find_routers, router_for
 from worker.models import load_tokenizer
-from worker.request import Request
+from worker.request import Request, Result
 
 MAX_ONGOING_REQUESTS = 256  # per replica; Serve's default (5) would queue a chat burst at the proxy
 ROUTER_TIMEOUT_S = 5.0
@@ -302,16 +302,16 @@ class Ingress:
     def _router_for(self, req: dict[str, Any], tenant: str | None):
         return router_for(self.routers, req["prompt"], tenant, req.get("cache_salt"), self.block_size)
 
-    async def _generate(self, req: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+    async def _generate(self, req: dict[str, Any], tenant: str | None) -> Result:
         ref = self._router_for(req, tenant).generate.remote(req, tenant)
         try:
-            out = await ref
+            out = Result.from_dict(await ref)
         except asyncio.CancelledError:  # the client went away
             ray.cancel(ref)
             raise
         except ray.exceptions.RayActorError as e:
             raise unavailable_error(f"the router is not running ({type(e).__name__}); retry shortly") from None
-        if out.get("error"):
+        if not out.ok:
             raise from_result(out)
         return out
 
@@ -328,9 +328,9 @@ class Ingress:
         except BaseException:
             stream.cancel()
             raise
-        if "result" in first and first["result"].get("error"):
-            raise from_result(first["result"])
-        first_at = None if "result" in first else time.perf_counter()
+        if first.result is not None and not first.result.ok:
+            raise from_result(first.result)
+        first_at = None if first.result is not None else time.perf_counter()
         usage = Usage(parsed.include_usage, parsed.continuous_usage, prompt_tokens=len(req["prompt"]))
         events = sse_events(
             stream,

@@ -13,21 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from cache_store import CacheConfig, MetadataIndex
 from cluster.dashboard import metrics as cluster_metrics
 from cluster.dashboard.snapshots import Snapshots
+from cluster.http.errors import status_of
 from cluster.http.schema import DOCS_URL, OPENAPI_URL, endpoints
+from worker.request import ErrorKind, Result
 
 CONTENT_TYPE = cluster_metrics.CONTENT_TYPE
 SNAPSHOT_REFRESH_S = 2.0  # scrapes within it share one read of the index
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.4, 0.8, 2.0)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-CLIENT_GONE = 499  # nginx's status for a client that closed the connection first (as ErrorKind.CANCELLED)
+CLIENT_GONE = status_of(ErrorKind.CANCELLED)  # the status counted for a client that closed the connection first
 OTHER = "other"  # the endpoint label of paths the API does not have (bounded label values)
 
 
@@ -74,20 +75,20 @@ class RequestMetrics:
     def answered(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
 
-    def generated(self, endpoint: str, result: dict[str, Any], arrived: float, first_token: float | None) -> None:
-        """One finished generation (a Result dict): its tokens and times. `first_token` is when its
+    def generated(self, endpoint: str, result: Result, arrived: float, first_token: float | None) -> None:
+        """One finished generation: its tokens and times. `first_token` is when its
         first text went out (streams); without it (one JSON answer) the first token's time is the
         end less the time the worker spent after the first token."""
         end = time.perf_counter()
-        n = len(result.get("token_ids", ()))
-        self.prompt_tokens.labels(endpoint).inc(result.get("prompt_tokens", 0))
-        self.cached_tokens.labels(endpoint).inc(result.get("cached_tokens", 0))
+        n = len(result.token_ids)
+        self.prompt_tokens.labels(endpoint).inc(result.prompt_tokens)
+        self.cached_tokens.labels(endpoint).inc(result.cached_tokens)
         self.completion_tokens.labels(endpoint).inc(n)
         self.latency.labels(endpoint).observe(end - arrived)
         if not n:
             return
         if first_token is None:
-            decoding = result.get("latency_s", 0.0) - result.get("queue_s", 0.0) - result.get("ttft_s", 0.0)
+            decoding = result.latency_s - result.queue_s - result.ttft_s
             first_token = max(arrived, end - max(decoding, 0.0))
         self.ttft.labels(endpoint).observe(first_token - arrived)
         if n > 1:

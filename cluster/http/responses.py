@@ -11,6 +11,8 @@ import time
 import uuid
 from typing import Any
 
+from worker.request import Result
+
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Result.finish_reason -> OpenAI's
 SSE_END = "[DONE]"  # the data of a stream's last event
 SSE_DONE = f"data: {SSE_END}\n\n".encode()
@@ -26,15 +28,15 @@ def counts(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def usage(results: list[dict[str, Any]]) -> dict[str, Any]:
-    prompt = sum(r["prompt_tokens"] for r in results)
-    completion = sum(len(r["token_ids"]) for r in results)
-    cached = sum(r["cached_tokens"] for r in results)
+def usage(results: list[Result]) -> dict[str, Any]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(len(r.token_ids) for r in results)
+    cached = sum(r.cached_tokens for r in results)
     return {**counts(prompt, completion), "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def finish_reason(result: dict[str, Any]) -> str:
-    return FINISH.get(result["finish_reason"], "stop")
+def finish_reason(result: Result) -> str:
+    return FINISH.get(result.finish_reason, "stop")
 
 
 class Responder:
@@ -55,12 +57,12 @@ class Responder:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    def whole(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+    def whole(self, results: list[Result]) -> dict[str, Any]:
         if self.chat:
             choices = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": r["text"]},
+                    "message": {"role": "assistant", "content": r.text},
                     "logprobs": None,
                     "finish_reason": finish_reason(r),
                 }
@@ -68,7 +70,7 @@ class Responder:
             ]
         else:
             choices = [
-                {"index": i, "text": r["text"], "logprobs": None, "finish_reason": finish_reason(r)}
+                {"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
                 for i, r in enumerate(results)
             ]
         return {
@@ -93,7 +95,7 @@ class Responder:
             body["usage"] = usage
         return sse(body)
 
-    def usage_chunk(self, result: dict[str, Any]) -> bytes:
+    def usage_chunk(self, result: Result) -> bytes:
         return sse({**self._head(self._chunk_object()), "choices": [], "usage": usage([result])})
 
     def _chunk_object(self) -> str:

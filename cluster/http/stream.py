@@ -1,7 +1,8 @@
 """The one place the HTTP layer talks to `RouterService.stream` (a Ray streaming generator).
 
-Items are `{"text": str, "token_ids": [...]}` pieces, and last `{"result": <Result dict>}`.
-Cancelling the generator cancels the request on its worker, which frees its KV blocks.
+Its items are `Chunk` dicts, read with `Chunk.from_dict`: pieces of text with their token ids, and
+last a chunk that carries the Result. Cancelling the generator cancels the request on its worker,
+which frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import ray
 
 from cluster.http.errors import from_result, internal, unavailable
 from cluster.http.responses import OMIT, SSE_DONE, Responder, counts, finish_reason, sse
+from worker.request import Chunk, ErrorKind, Result
 
 log = logging.getLogger(__name__)
+ENDED_EARLY = "internal error on the router: the stream ended without a result"
 
 
 class RouterStream:
@@ -24,17 +27,17 @@ class RouterStream:
         self._gen = router.stream.options(num_returns="streaming").remote(request, tenant)
         self.done = False
 
-    async def next(self) -> dict[str, Any]:
-        """The next item; a stream that ends without its result is reported as a failed request."""
+    async def next(self) -> Chunk:
+        """The next chunk; a stream that ends without its result is reported as a failed request."""
         try:
             ref = await self._gen.__anext__()
         except StopAsyncIteration:
             self.done = True
-            return {"result": {"error": "internal error on the router: the stream ended without a result"}}
-        item = await ref
-        if "result" in item:
+            return Chunk("", (), Result.failed(ENDED_EARLY, ErrorKind.INTERNAL))
+        chunk = Chunk.from_dict(await ref)
+        if chunk.result is not None:
             self.done = True
-        return item
+        return chunk
 
     def cancel(self) -> None:
         """Idempotent; a no-op once the result has arrived."""
@@ -61,25 +64,26 @@ class Usage:
 
 async def sse_events(
     stream: RouterStream,
-    item: dict[str, Any],
+    chunk: Chunk,
     usage: Usage,
     responder: Responder,
-    finished: Callable[[dict[str, Any]], None],
+    finished: Callable[[Result], None],
 ):
-    """SSE chunks in OpenAI's shape, ending with `data: [DONE]`; `finished` gets the Result dict.
+    """SSE chunks in OpenAI's shape from the stream's chunks (`chunk`: the first, already read),
+    ending with `data: [DONE]`; `finished` gets the Result.
     Leaving early (a client that disconnects cancels this generator) cancels the request on its
     worker and frees its blocks. Once text was sent the status line is gone: a failure after that
     is an error event in the stream, in OpenAI's error shape."""
     try:
         if responder.chat:
             yield responder.chunk(None, first=True, usage=usage.field())
-        while "result" not in item:
-            usage.generated += len(item["token_ids"])
-            if item["text"]:
-                yield responder.chunk(item["text"], usage=usage.field())
-            item = await stream.next()
-        result = item["result"]
-        if result.get("error"):
+        while chunk.result is None:
+            usage.generated += len(chunk.token_ids)
+            if chunk.text:
+                yield responder.chunk(chunk.text, usage=usage.field())
+            chunk = await stream.next()
+        result = chunk.result
+        if not result.ok:
             yield sse(from_result(result).body())
         else:
             finished(result)

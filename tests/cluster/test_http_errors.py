@@ -20,6 +20,8 @@ from fastapi import FastAPI
 from cluster.http import app as api
 from cluster.http import cors
 from cluster.http.cors import parse_origins
+from cluster.http.errors import from_result
+from worker.request import ErrorKind, Result
 
 
 def faulty_app() -> FastAPI:
@@ -138,3 +140,24 @@ def test_allowed_origins_forms(text, origins):
 def test_bad_allowed_origins_say_what_to_send(text, words):
     with pytest.raises(ValueError, match=words):
         parse_origins(text)
+
+
+# The status and OpenAI type each failure kind must reach a client with (issue 22): written out here
+# so a change in cluster.http.errors.BY_KIND is a deliberate one.
+EXPECTED = {
+    ErrorKind.BAD_REQUEST: (400, "invalid_request_error"),
+    ErrorKind.CONTEXT_EXCEEDED: (400, "invalid_request_error"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable"),
+    ErrorKind.SHUTTING_DOWN: (503, "service_unavailable"),
+    ErrorKind.INTERNAL: (500, "server_error"),
+    ErrorKind.CANCELLED: (499, "cancelled"),
+}
+
+
+@pytest.mark.parametrize("kind", list(ErrorKind), ids=lambda k: k.value)
+def test_every_failure_kind_has_its_status_whatever_the_message_says(kind):
+    for message in ("bad request: x", "internal error in the engine: x", "the worker is shutting down"):
+        e = from_result(Result.failed(message, kind))
+        assert (e.status, e.type) == EXPECTED[kind] and e.message == message
+        assert set(e.body()["error"]) == {"message", "type", "param", "code"}
+    assert from_result(Result.failed("x", ErrorKind.CONTEXT_EXCEEDED)).code == "context_length_exceeded"
