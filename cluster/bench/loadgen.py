@@ -221,12 +221,14 @@ def _ms(x: float | None) -> str:
     return f"{x:.1f} ms" if x < 100 else f"{x:.0f} ms"
 
 
-def section(rows: dict, a: argparse.Namespace, took_s: float) -> list[str]:
+def section(rows: dict, a: argparse.Namespace, took_s: float, load: float) -> list[str]:
     return [
         SECTION,
         "",
-        f"Made by `{COMMAND}` on {date.today().isoformat()} ({took_s / 60:.0f} minutes; "
-        f"{os.cpu_count()} cores, {platform.machine()}; raw rows in `bench-results-loadgen.json`). "
+        f"Made by `{COMMAND}` on {date.today().isoformat()} ({took_s / 60:.0f} minutes"
+        f"{', the aiperf rows read from an earlier run with --reuse' if a.reuse else ''}; "
+        f"{os.cpu_count()} cores, {platform.machine()}, load average {load:.1f} when it started; "
+        f"raw rows in `bench-results-loadgen.json`). "
         f"aiperf {AIPERF_VERSION}, streaming chat against `--model {a.model} --workers {a.workers}`: "
         f"a shared system prompt of {a.system_tokens} tokens and {a.isl} tokens of its own per request, "
         f"exactly {a.osl} new tokens (`ignore_eos`, `min_tokens`), the cache emptied before each "
@@ -252,9 +254,23 @@ def write_report(path: Path, lines: list[str]) -> None:
 
 
 def run(a: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
+    out_root = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="prefixcache-aiperf-")) / "artifacts"
+    if a.reuse:
+        rows = {"aiperf": {c: summary(out_root / f"concurrency-{c}") for c in a.concurrency}, "inprocess": {}}
+    else:
+        rows = profile(a, out_root)
+    if a.inprocess:
+        levels = [(max(1, c // a.workers), sent_prompts(out_root / f"concurrency-{c}", a.model)) for c in a.concurrency]
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            got = pool.submit(inprocess, a.model, levels, a.osl, a.cpus_per_worker).result()
+        rows["inprocess"] = dict(zip(a.concurrency, got))
+    return rows
+
+
+def profile(a: argparse.Namespace, out_root: Path) -> dict[str, dict[int, dict[str, float]]]:
+    """aiperf at each concurrency against the service at --url, or one started here for the run."""
     exe = aiperf()
     scratch = Path(tempfile.mkdtemp(prefix="prefixcache-aiperf-"))
-    out_root = Path(a.out) if a.out else scratch / "artifacts"
     cluster = None
     url = a.url
     if url is None:
@@ -274,11 +290,6 @@ def run(a: argparse.Namespace) -> dict[str, dict[int, dict[str, float]]]:
     finally:
         if cluster is not None:
             cluster.shutdown()
-    if a.inprocess:
-        levels = [(max(1, c // a.workers), sent_prompts(out_root / f"concurrency-{c}", a.model)) for c in a.concurrency]
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            got = pool.submit(inprocess, a.model, levels, a.osl, a.cpus_per_worker).result()
-        rows["inprocess"] = dict(zip(a.concurrency, got))
     return rows
 
 
@@ -297,6 +308,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--osl", type=int, default=64, help="tokens generated per request (exactly: ignore_eos)")
     p.add_argument("--no-inprocess", dest="inprocess", action="store_false", help="skip the in-process rows")
     p.add_argument("--out", default=None, help="aiperf's artifacts (default: a temporary directory)")
+    p.add_argument("--reuse", action="store_true", help="read aiperf's artifacts in --out instead of running it")
     p.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"), help="rewrite its section here ('' = no)")
     p.add_argument("--json-out", default=str(ROOT / "bench-results-loadgen.json"), help="the rows ('' = no)")
     return p.parse_args(argv)
@@ -304,9 +316,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]  # load: what else ran on the machine
     rows = run(a)
-    lines = section(rows, a, time.perf_counter() - started)
+    lines = section(rows, a, time.perf_counter() - started, load)
     print("\n".join(lines))
     if a.report:
         write_report(Path(a.report), lines)

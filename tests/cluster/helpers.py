@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
 
+import openai
 import ray
 
 from tests.polling import wait_for
@@ -34,7 +35,7 @@ def cancelled_on_workers(cluster) -> int:
     return _cancelled(cluster.stats()["workers"])
 
 
-def wait_cancelled(cluster, expected: int) -> None:
+def wait_cancelled(cluster, expected: int, timeout: float = 30.0) -> None:
     """The workers cancelled `expected` requests in all and hold no pinned block: what a client going
     away mid-request must lead to. Exactly `expected`: no other request was cancelled with it."""
 
@@ -42,7 +43,7 @@ def wait_cancelled(cluster, expected: int) -> None:
         ws = cluster.stats()["workers"]
         return ws if _cancelled(ws) >= expected and all(w["device_tier"]["pinned"] == 0 for w in ws.values()) else None
 
-    workers = wait_for(settled, f"{expected} cancelled requests in all and no pinned block")
+    workers = wait_for(settled, f"{expected} cancelled requests in all and no pinned block", timeout)
     assert _cancelled(workers) == expected
 
 
@@ -64,6 +65,11 @@ def http_get(url: str, token: str | None = None, timeout: float = 30) -> tuple[i
 def http_get_json(url: str, token: str | None = None) -> tuple[int, object]:
     status, body = http_get(url, token)
     return status, json.loads(body)
+
+
+def openai_client(svc) -> openai.OpenAI:
+    """The `openai` package's client for the service's API: no retries, so every error is seen."""
+    return openai.OpenAI(base_url=svc.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def post(svc, path: str, body: dict) -> tuple[int, dict]:

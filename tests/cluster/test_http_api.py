@@ -23,7 +23,7 @@ from cluster import Cluster
 from cluster.http import protocol
 from cluster.release import PREFIXCACHE_VERSION
 
-from .helpers import cancelled_on_workers, wait_cancelled
+from .helpers import cancelled_on_workers, openai_client, wait_cancelled
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 GEOGRAPHY = (
@@ -49,7 +49,7 @@ def svc(ray_local):
 
 @pytest.fixture(scope="module")
 def client(svc):
-    return openai.OpenAI(base_url=svc.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(svc)
 
 
 def chat(client, question, system=GEOGRAPHY, **kw):

@@ -32,7 +32,7 @@ def test_a_stopping_worker_is_503_shutting_down_and_no_live_worker_is_503(doomed
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(post, doomed, "/v1/completions", long)
         busy = wait_for(
-            lambda: [w for w, s in workers(doomed).items() if s["device_tier"]["pinned"]], "the request to run"
+            lambda: [w for w, s in workers(doomed).items() if s["device_tier"]["pinned"]], "the request to run", 120
         )
         stopping = worker_handle(doomed.service, busy[0])
         ray.get(stopping.shutdown.remote())  # the graceful stop `prefixcache stop` does, mid-answer
