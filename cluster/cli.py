@@ -5,6 +5,7 @@
     prefixcache add-workers N --address ADDR   scale out
     prefixcache stop  --address ADDR      stop them (workers deregister from the index)
     prefixcache status --address ADDR     hit rates and workers
+    prefixcache reset-prefix-cache --address ADDR   empty every worker's prefix cache
     prefixcache submit FILE.jsonl --address ray://HOST:10001 --out results.jsonl
     prefixcache submit FILE.jsonl --jobs http://HOST:8265 --out results.jsonl   (as a Ray Job)
     prefixcache dashboard --redis-url URL
@@ -63,6 +64,13 @@ def _http_args(p: argparse.ArgumentParser, default_port: int | None) -> None:
         metavar="FILE",
         default=None,
         help="'KEY TENANT' per line: requests need 'Authorization: Bearer KEY'; each tenant gets its own cache salt",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        metavar="ORIGINS",
+        default=None,
+        help="web origins whose pages may call the HTTP API (CORS), comma-separated or a JSON list; '*' for any "
+        "(default: CORS off)",
     )
 
 
@@ -180,7 +188,11 @@ def _add_workers(sub) -> None:
 
 
 def _stop_and_status(sub) -> None:
-    for name, text in (("stop", "stop the service started with `start`"), ("status", "hit rates, workers, index")):
+    for name, text in (
+        ("stop", "stop the service started with `start`"),
+        ("status", "hit rates, workers, index"),
+        ("reset-prefix-cache", "empty every worker's prefix cache (benchmarks that must start cold)"),
+    ):
         p = sub.add_parser(name, help=text)
         _address_arg(p)
         _service_args(p)

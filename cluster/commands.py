@@ -87,6 +87,10 @@ def start(args) -> int:
     from cluster.launch import start_service
     from cluster.service import ServiceSpec
 
+    if args.allowed_origins is not None:  # refused before anything starts
+        from cluster.http.cors import parse_origins
+
+        _service_error(parse_origins, args.allowed_origins)
     spec = _service_error(
         ServiceSpec,
         service=args.service,
@@ -137,7 +141,9 @@ def _start_http(args, service: str) -> str:
     from cluster.launch import stop_service
 
     try:
-        return start_http(service, args.http_port, host=args.http_host, api_keys=args.api_keys)
+        return start_http(
+            service, args.http_port, host=args.http_host, api_keys=args.api_keys, allowed_origins=args.allowed_origins
+        )
     except BaseException:
         stop_service(service)
         raise
@@ -161,6 +167,19 @@ def stop(args) -> int:
         _service_error(stop_service, args.service)
     print(f"service {args.service!r} stopped")
     return EXIT_OK
+
+
+def reset_prefix_cache(args) -> int:
+    from cluster.launch import reset_prefix_cache as reset
+
+    with _ray(args.address):
+        out = _service_error(reset, args.service)
+    print(f"service {args.service!r}: {sum(out['workers'].values())} cached blocks dropped")
+    for w, n in sorted(out["workers"].items()):
+        print(f"  {w}: {n}")
+    for w, why in sorted(out["failed"].items()):
+        print(f"  {w}: did not answer ({why})")
+    return EXIT_PARTIAL if out["failed"] else EXIT_OK
 
 
 def status(args) -> int:

@@ -160,6 +160,12 @@ def add_workers(service: str, n: int) -> dict[str, Any]:
     return handles
 
 
+def reset_prefix_cache(service: str = CacheConfig.service) -> dict:
+    """Empty every worker's prefix cache (the router fans it out): {"workers": {id: blocks dropped},
+    "failed": {id: why}}."""
+    return ray.get(find_router(service).reset_prefix_cache.remote())
+
+
 def stop_service(service: str = CacheConfig.service) -> None:
     """Graceful stop: the HTTP API first (in-flight requests finish), then workers deregister from the
     index, then every actor of the service is killed."""

@@ -39,6 +39,7 @@ from worker.request import ErrorKind, Problem, Request, Result
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
+RESET_TIMEOUT_S = 60.0  # a worker empties its cache between engine steps
 
 
 class RouterService:
@@ -375,6 +376,26 @@ class RouterService:
         """The service sets the salt from the tenant id; a salt in the request body is not trusted."""
         digest = hmac.new(self._tenant_key, tenant.encode(), hashlib.sha256).hexdigest()[:32]
         return Request.from_dict({**req.to_dict(), "cache_salt": f"tenant:{digest}"})
+
+    async def reset_prefix_cache(self) -> dict:
+        """Empty the prefix cache of every live worker (for benchmarks that must start cold): each
+        drops the blocks no request or pin holds, so requests in flight stay exact. Any replica can
+        do it for the whole service, as each holds every worker. Returns {"workers": {id: blocks
+        dropped}, "failed": {id: why}}."""
+        await self._ready()
+
+        async def one(w: str, h) -> tuple[str, int | None, str | None]:
+            try:
+                return w, await asyncio.wait_for(h.reset_prefix_cache.remote(), RESET_TIMEOUT_S), None
+            except (ray.exceptions.RayError, asyncio.TimeoutError) as e:
+                return w, None, type(e).__name__
+
+        live = [(w, h) for w, h in self.handles.items() if w in self.router.alive]
+        outs = await asyncio.gather(*(one(w, h) for w, h in live))
+        return {
+            "workers": {w: n for w, n, err in outs if err is None},
+            "failed": {w: err for w, _, err in outs if err is not None},
+        }
 
     # ---- introspection ---------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Request and Result: the typed values that cross every layer (engine, actor, router, client, JSONL).
+"""Request, Result and Chunk: the typed values that cross every layer (engine, actor, router, client, JSONL).
 
 Both are plain frozen dataclasses that round-trip through dicts of builtins
 (msgpack / JSON), never pickle. A bad request is never an exception for the
@@ -170,6 +170,28 @@ class Result:
         kind = d.get("error_kind")
         d["error_kind"] = None if kind is None else ErrorKind(kind)
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of streamed output: new text and the token ids it came from. The last chunk of a
+    stream carries the request's `result` (text and token_ids of the chunk are then empty). The
+    one wire format of streams between worker, router and ingress: `to_dict` / `from_dict`."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    result: Result | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.result is not None:
+            return {"result": self.result.to_dict()}
+        return {"text": self.text, "token_ids": list(self.token_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Chunk:
+        if "result" in d:
+            return cls("", (), Result.from_dict(d["result"]))
+        return cls(d["text"], tuple(d["token_ids"]))
 
 
 def prompt_ids_problem(ids: list[int], max_new_tokens: int, vocab_size: int, max_context: int) -> Problem | None:

@@ -19,39 +19,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from cache_store import BlockHash, Hold
-from worker.request import Request, Result
+from worker.request import Chunk, Request, Result  # Chunk: re-exported for the engine's modules
 
 
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of streamed output: new text and the token ids it came from. The last chunk of a
-    stream carries the request's `result` (text and token_ids of the chunk are then empty)."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    result: Result | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        if self.result is not None:
-            return {"result": self.result.to_dict()}
-        return {"text": self.text, "token_ids": list(self.token_ids)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Chunk:
-        if "result" in d:
-            return cls("", (), Result.from_dict(d["result"]))
-        return cls(d["text"], tuple(d["token_ids"]))
 
 
 Sink = Callable[[Chunk], None]

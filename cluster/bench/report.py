@@ -361,3 +361,28 @@ def kept_sections(path: Path) -> str:
     index and router benchmarks), so a suite run does not erase them."""
     text = path.read_text() if path.exists() else ""
     return "\n" + KEEP + text.split(KEEP, 1)[1] if KEEP in text else ""
+
+
+def put_section(path: Path, heading: str, lines: list[str]) -> None:
+    """Write one section of another benchmark command below the KEEP marker: it replaces the
+    section with the same heading (up to the next heading of its level or higher), or is appended."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if KEEP not in text:
+        text = text.rstrip("\n") + "\n\n" + KEEP + "\n"
+    head, kept = text.split(KEEP, 1)
+    level = heading.split(" ", 1)[0]
+    out: list[str] = []
+    skipping = placed = False
+    for line in kept.split("\n"):
+        if line == heading:
+            skipping = placed = True
+            out += [*lines]
+            continue
+        if skipping and line.startswith("#") and len(line.split(" ", 1)[0]) <= len(level):
+            skipping = False
+        if not skipping:
+            out.append(line)
+    body = "\n".join(out)
+    if not placed:
+        body = body.rstrip("\n") + "\n\n" + "\n".join(lines)
+    path.write_text(head + KEEP + body.rstrip("\n") + "\n")

@@ -16,20 +16,24 @@ CHATML = (
 )
 
 
-def render(tokenizer, messages: list[dict[str, str]]) -> str:
+def render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
     template = None if getattr(tokenizer, "chat_template", None) else CHATML
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
         )
     except Exception as e:  # jinja raises its own types: a template that refuses these messages
         raise bad_request(f"the model's chat template refused these messages: {e}", param="messages") from None
 
 
-def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    return list(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+def chat_ids(
+    tokenizer, messages: list[dict[str, str]], *, add_generation_prompt: bool = True, add_special_tokens: bool = False
+) -> list[int]:
+    """A chat's prompt; the defaults are what /v1/chat/completions runs (/tokenize can change them)."""
+    text = render(tokenizer, messages, add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def text_ids(tokenizer, prompt: str) -> list[int]:
+def text_ids(tokenizer, prompt: str, *, add_special_tokens: bool = True) -> list[int]:
     """A completion prompt, tokenized as the router would (adding what the tokenizer adds by default)."""
-    return list(tokenizer(prompt)["input_ids"])
+    return list(tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])

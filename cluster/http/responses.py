@@ -11,28 +11,32 @@ import time
 import uuid
 from typing import Any
 
+from worker.request import Result
+
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}  # Result.finish_reason -> OpenAI's
-SSE_DONE = b"data: [DONE]\n\n"
+SSE_END = "[DONE]"  # the data of a stream's last event
+SSE_DONE = f"data: {SSE_END}\n\n".encode()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OMIT = object()  # a chunk without a usage field
 
 
 def new_id(chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-def usage(results: list[dict[str, Any]]) -> dict[str, Any]:
-    prompt = sum(r["prompt_tokens"] for r in results)
-    completion = sum(len(r["token_ids"]) for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": sum(r["cached_tokens"] for r in results)},
-    }
+def counts(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def finish_reason(result: dict[str, Any]) -> str:
-    return FINISH.get(result["finish_reason"], "stop")
+def usage(results: list[Result]) -> dict[str, Any]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(len(r.token_ids) for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    return {**counts(prompt, completion), "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(result: Result) -> str:
+    return FINISH.get(result.finish_reason, "stop")
 
 
 class Responder:
@@ -53,12 +57,12 @@ class Responder:
             "system_fingerprint": self.system_fingerprint,
         }
 
-    def whole(self, results: list[dict[str, Any]]) -> dict[str, Any]:
+    def whole(self, results: list[Result]) -> dict[str, Any]:
         if self.chat:
             choices = [
                 {
                     "index": i,
-                    "message": {"role": "assistant", "content": r["text"]},
+                    "message": {"role": "assistant", "content": r.text},
                     "logprobs": None,
                     "finish_reason": finish_reason(r),
                 }
@@ -66,7 +70,7 @@ class Responder:
             ]
         else:
             choices = [
-                {"index": i, "text": r["text"], "logprobs": None, "finish_reason": finish_reason(r)}
+                {"index": i, "text": r.text, "logprobs": None, "finish_reason": finish_reason(r)}
                 for i, r in enumerate(results)
             ]
         return {
@@ -75,10 +79,10 @@ class Responder:
             "usage": usage(results),
         }
 
-    def chunk(
-        self, text: str | None, finish: str | None = None, *, first: bool = False, with_usage: bool = False
-    ) -> bytes:
-        """One SSE event with a piece of text (or the final finish_reason)."""
+    def chunk(self, text: str | None, finish: str | None = None, *, first: bool = False, usage: Any = OMIT) -> bytes:
+        """One SSE event with a piece of text (or the final finish_reason); `usage` is the chunk's
+        usage field: null (include_usage: OpenAI sends null on every chunk but the last), the usage
+        so far (continuous_usage_stats), or OMIT."""
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
             if text:
@@ -87,11 +91,11 @@ class Responder:
         else:
             choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         body = {**self._head(self._chunk_object()), "choices": [choice]}
-        if with_usage:
-            body["usage"] = None  # OpenAI: null on every chunk but the last when include_usage is set
+        if usage is not OMIT:
+            body["usage"] = usage
         return sse(body)
 
-    def usage_chunk(self, result: dict[str, Any]) -> bytes:
+    def usage_chunk(self, result: Result) -> bytes:
         return sse({**self._head(self._chunk_object()), "choices": [], "usage": usage([result])})
 
     def _chunk_object(self) -> str:

@@ -13,6 +13,7 @@ import socket
 
 import ray
 
+from cluster.http.cors import parse_origins
 from cluster.http.keys import KeyFileError, load_keys
 from cluster.service import ServiceError
 
@@ -37,16 +38,24 @@ def binding_note(host: str | None, keyed: bool) -> str:
 
 
 def start_http(
-    service: str, port: int, *, host: str | None = None, api_keys: str | None = None, replicas: int = 1
+    service: str,
+    port: int,
+    *,
+    host: str | None = None,
+    api_keys: str | None = None,
+    allowed_origins: str | None = None,
+    replicas: int = 1,
 ) -> str:
-    """Deploy the ingress for `service` and return its base URL (http://HOST:PORT)."""
+    """Deploy the ingress for `service` and return its base URL (http://HOST:PORT). `allowed_origins`
+    is --allowed-origins' text (cluster.http.cors.parse_origins); None leaves CORS off."""
     from ray import serve
 
     from cluster.http.app import Ingress
 
     try:
         keys = load_keys(api_keys) if api_keys else None
-    except KeyFileError as e:
+        origins = parse_origins(allowed_origins) if allowed_origins is not None else ()
+    except (KeyFileError, ValueError) as e:
         raise ServiceError(str(e)) from None
     host = host or default_host(keys is not None)
     if keys is None and host not in LOCAL_HOSTS:
@@ -60,7 +69,7 @@ def start_http(
     serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
     try:
         serve.run(
-            Ingress.options(num_replicas=replicas).bind(service, keys),
+            Ingress.options(num_replicas=replicas).bind(service, keys, origins),
             name=app_name(service),
             route_prefix="/",
             blocking=False,

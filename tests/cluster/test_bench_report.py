@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from cluster.bench.batching import SECTION
-from cluster.bench.report import KEEP, kept_sections, provenance, write
+from cluster.bench.report import KEEP, kept_sections, provenance, put_section, write
 
 from .helpers import SUITE_HEADINGS
 
@@ -45,3 +45,18 @@ def test_the_header_names_every_run_that_made_the_numbers():
     text = provenance(results, "prefixcache bench")
     assert "`prefixcache bench` on 2026-01-02 (service part, 9 minutes)" in text
     assert "then `prefixcache bench --only batching` on 2026-01-03 (12 minutes)" in text and "one run" not in text
+
+
+def test_another_command_replaces_its_own_section_below_the_marker_only(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(
+        f"# Benchmarks\n\n## Goals\n\nsuite\n\n{KEEP}\n\n## Scale\n\na\n\n### Detail\n\nb\n\n## Last\n\nz\n"
+    )
+    put_section(path, "## Load", ["## Load", "", "first", ""])
+    assert path.read_text().endswith("## Last\n\nz\n\n## Load\n\nfirst\n")  # appended
+    put_section(path, "## Load", ["## Load", "", "second", ""])
+    put_section(path, "## Scale", ["## Scale", "", "new", ""])  # its subsections go with it
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\n## Goals\n\nsuite\n\n" + KEEP)
+    assert text.split(KEEP)[1] == "\n\n## Scale\n\nnew\n\n## Last\n\nz\n\n## Load\n\nsecond\n"
+    assert kept_sections(path) == "\n" + KEEP + text.split(KEEP)[1]  # what a suite run keeps

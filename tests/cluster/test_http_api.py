@@ -16,11 +16,14 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from cache_store.embedded import free_port
 from cluster import Cluster
+from cluster.http import protocol
+from cluster.release import PREFIXCACHE_VERSION
 
-from .helpers import cancelled_on_workers, wait_cancelled
+from .helpers import cancelled_on_workers, openai_client, wait_cancelled
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 GEOGRAPHY = (
@@ -46,7 +49,7 @@ def svc(ray_local):
 
 @pytest.fixture(scope="module")
 def client(svc):
-    return openai.OpenAI(base_url=svc.http_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai_client(svc)
 
 
 def chat(client, question, system=GEOGRAPHY, **kw):
@@ -178,18 +181,246 @@ def error_of(status_body, status):
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "would change the result"),
         ({"frobnicate": 1}, "frobnicate", "Unrecognized request argument"),
         ({"messages": []}, "messages", "non-empty list"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]", "supported roles"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "supported roles"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
         ({"stop": ["a"] * 17}, "stop", "at most 16"),
         ({"seed": -1}, "seed", "integer >= 0"),
         ({"model": None}, "model", "'model' is required"),
         ({"user": 42}, "user", "non-empty string or null"),
+        # wrong types and values anywhere in the body, each named
+        ({"stream": "yes"}, "stream", "true or false"),
+        ({"stop": 5}, "stop", "a string or a list"),
+        ({"stop": ["x" * 4097]}, "stop", "at most 4,096"),
+        ({"stream": True, "stream_options": {"include_usage": "x"}}, "stream_options.include_usage", "true or false"),
+        ({"stream": True, "stream_options": {"foo": 1}}, "stream_options", "continuous_usage_stats"),
+        ({"messages": [{"role": "user", "content": "hi", "name": 5}]}, "messages[0].name", "non-empty string"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "a string or a list of text parts"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", "text part"),
+        ({"messages": [{"role": 7, "content": "x"}]}, "messages[0].role", "supported roles"),
+        ({"metadata": {"a": 1}}, "metadata", "an object of string values"),
+        ({"store": "x"}, "store", "true or false"),
+        ({"parallel_tool_calls": 1}, "parallel_tool_calls", "true or false"),
+        ({"ignore_eos": 1}, "ignore_eos", "true or false"),
+        ({"min_tokens": "2"}, "min_tokens", "integer >= 0"),
+        ({"min_tokens": 5}, "min_tokens", "more than max_tokens=2"),
+        ({"cache_salt": 5}, "cache_salt", "non-empty string"),
+        ({"cache_salt": "s" * 300}, "cache_salt", "at most 256"),
+        ({"top_k": 1.5}, "top_k", "must be an integer"),
+        ({"top_p": 0}, "top_p", "(0, 1]"),
+        ({"temperature": 2.5}, "temperature", "[0, 2]"),
+        ({"seed": 2**63}, "seed", "below 2^63"),
+        ({"logit_bias": []}, "logit_bias", "would change the result"),
+        ({"n": True}, "n", "would change the result"),
+        # integers with hundreds of digits
+        ({"seed": 10**200}, "seed", "below 2^63"),
+        ({"max_tokens": 10**200}, "max_tokens", "below 2^63"),
+        ({"max_tokens": None, "max_completion_tokens": -(10**200)}, "max_completion_tokens", "integer >= 1"),
+        ({"top_k": 10**200}, "top_k", "below 2^63"),
+        ({"min_tokens": 10**200}, "min_tokens", "below 2^63"),
     ],
 )
 def test_bad_fields_are_400s_that_name_them(svc, client, patch, param, words):
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **patch}
     err = error_of(post(svc, "/v1/chat/completions", body), 400)
     assert err["param"] == param and words in err["message"] and err["type"] == "invalid_request_error"
+
+
+SURROGATE = b"\\ud800"  # JSON's escape for half a UTF-16 pair: valid JSON, not valid Unicode
+
+
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (
+            "/v1/chat/completions",
+            b'{"model":"smollm2","messages":[{"role":"user","content":"a%sb"}]}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model":"smollm2","messages":[{"role":"user","content":"hi","name":"%s"}]}',
+            "messages[0].name",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model":"smollm2","messages":[{"role":"user","content":[{"type":"text","text":"%s"}]}]}',
+            "messages[0].content[0].text",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"stop":["%s"]}',
+            "stop[0]",
+        ),
+        ("/v1/completions", b'{"model":"smollm2","prompt":"%s"}', "prompt"),
+        ("/v1/completions", b'{"model":"smollm2","prompt":["fine","x%s"]}', "prompt[1]"),
+        ("/v1/completions", b'{"model":"smollm2","prompt":"hi","user":"%s"}', "user"),
+        ("/v1/completions", b'{"model":"smollm2","prompt":"hi","metadata":{"%s":"x"}}', "metadata"),
+        ("/tokenize", b'{"prompt":"%s"}', "prompt"),
+    ],
+)
+def test_lone_surrogates_anywhere_are_400s_naming_the_field(svc, client, path, body, param):
+    err = error_of(raw(svc, "POST", path, body.replace(b"%s", SURROGATE)), 400)
+    assert err["param"] == param and "lone UTF-16 surrogate" in err["message"], err
+    still_serving(client)
+
+
+def test_a_surrogate_pair_is_fine(svc):
+    body = b'{"model":"smollm2","prompt":"\\ud83d\\ude00","max_tokens":1}'  # one emoji, as JSON escapes it
+    status, out = raw(svc, "POST", "/v1/completions", body)
+    assert status == 200 and out["usage"]["completion_tokens"] == 1
+
+
+def test_integers_too_long_for_any_field_and_deep_nesting_are_400s(svc, client):
+    chat_body = b'{"model":"smollm2","messages":[{"role":"user","content":"hi"}],'
+    err = error_of(raw(svc, "POST", "/v1/chat/completions", chat_body + b'"seed":' + b"9" * 5000 + b"}"), 400)
+    assert "thousands of digits" in err["message"]
+    err = error_of(post(svc, "/v1/completions", {"model": "smollm2", "prompt": [10**200]}), 400)
+    assert "outside the vocabulary" in err["message"]
+    deep = chat_body + b'"metadata":' + b'{"a":' * 3000 + b'"x"' + b"}" * 3000 + b"}"
+    err = error_of(raw(svc, "POST", "/v1/chat/completions", deep), 400)
+    assert "more than 32 levels deep" in err["message"]
+    err = error_of(raw(svc, "POST", "/v1/chat/completions", b"[" * 100_000 + b"]" * 100_000), 400)
+    assert "levels deep" in err["message"]
+    err = error_of(
+        raw(svc, "POST", "/v1/chat/completions", chat_body + b'"metadata":' + b"[" * 40 + b"]" * 40 + b"}"), 400
+    )
+    assert "levels deep" in err["message"]
+    still_serving(client)
+
+
+def optional_chat_fields() -> set[str]:
+    """Every optional field of the chat body (they are all nullable in OpenAI's schema)."""
+    return (protocol.CHAT_FIELDS | set(protocol.NEUTRAL) | set(protocol.CHAT_NEUTRAL)) - {"model", "messages"}
+
+
+def test_null_means_the_default_for_every_optional_field(svc, client):
+    plain = chat(client, "What is the capital of France?")
+    question = [{"role": "system", "content": GEOGRAPHY}, {"role": "user", "content": "What is the capital of France?"}]
+    nulls = dict.fromkeys(optional_chat_fields() - {"temperature", "max_tokens"})
+    status, out = post(
+        svc,
+        "/v1/chat/completions",
+        {"model": "smollm2", "messages": question, "temperature": 0, "max_tokens": 32, **nulls},
+    )
+    assert status == 200, out
+    assert out["choices"][0]["message"]["content"] == plain.choices[0].message.content
+    # sampling parameters left null sample as their defaults do (temperature 1, top_p 1, top_k off)
+    sampled = chat(client, "Name a river.", temperature=1.0, top_p=1.0, seed=7, max_tokens=8)
+    defaulted = chat(
+        client, "Name a river.", temperature=None, top_p=None, seed=7, max_tokens=8, extra_body={"top_k": None}
+    )
+    assert defaulted.choices[0].message.content == sampled.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:  # a null where a value is required is still named
+        client.chat.completions.create(model=None, messages=question)
+    assert e.value.body["param"] == "model"
+
+
+def test_ignore_eos_and_min_tokens_fix_the_output_length(client):
+    plain = chat(client, "What is the capital of France?")
+    assert plain.choices[0].finish_reason == "stop" and plain.usage.completion_tokens < 16  # it ends on EOS
+    longer = chat(client, "What is the capital of France?", max_tokens=24, extra_body={"ignore_eos": True})
+    assert longer.usage.completion_tokens == 24 and longer.choices[0].finish_reason == "length"
+    assert longer.choices[0].message.content.startswith(plain.choices[0].message.content)
+    at_least = chat(client, "What is the capital of France?", max_tokens=40, extra_body={"min_tokens": 18})
+    assert at_least.usage.completion_tokens >= 18
+    assert at_least.choices[0].message.content.startswith(plain.choices[0].message.content)
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = list(chat(client, "What is the capital of Spain?", stream=True, stream_options=options))
+    final = chunks[-1].usage
+    assert chunks[-1].choices == [] and final.prompt_tokens_details.cached_tokens >= 0
+    counted = [c.usage for c in chunks[:-1]]
+    assert all(u is not None and u.prompt_tokens == final.prompt_tokens for u in counted)
+    done = [u.completion_tokens for u in counted]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == final.completion_tokens
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in counted)
+    plain = list(chat(client, "What is the capital of Spain?", stream=True, stream_options={"include_usage": True}))
+    assert all(c.usage is None for c in plain[:-1])  # without it, usage is null until the last chunk
+
+
+def test_tokenize_and_detokenize_agree_with_what_the_endpoints_run(svc, client):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    status, tok = post(svc, "/tokenize", {"model": "smollm2", "messages": question})
+    answer = client.chat.completions.create(model="smollm2", messages=question, max_tokens=1)
+    assert status == 200 and tok["count"] == len(tok["tokens"]) == answer.usage.prompt_tokens
+    assert tok["max_model_len"] == 8192 and tok["token_strs"] is None
+    status, tok = post(svc, "/tokenize", {"prompt": "The capital of France is", "return_token_strs": True})
+    done = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=1)
+    assert tok["count"] == done.usage.prompt_tokens and len(tok["token_strs"]) == tok["count"]
+    status, text = post(svc, "/detokenize", {"tokens": tok["tokens"]})
+    assert status == 200 and text == {"prompt": "The capital of France is"}
+    err = error_of(post(svc, "/detokenize", {"tokens": [-1]}), 400)
+    assert err["param"] == "tokens" and "outside the vocabulary" in err["message"]
+    err = error_of(post(svc, "/tokenize", {"prompt": "x", "messages": question}), 400)
+    assert "not both" in err["message"]
+    error_of(post(svc, "/tokenize", {"model": "gpt-4o", "prompt": "x"}), 404)
+    status, body = raw(svc, "GET", "/version")
+    assert status == 200 and body == {"version": PREFIXCACHE_VERSION}
+
+
+def scrape(svc) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    status, text = raw(svc, "GET", "/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_requests_tokens_and_times_and_show_the_cache(svc, client):
+    before = scrape(svc)
+    ep = (("endpoint", "/v1/chat/completions"),)
+    whole = chat(client, "What is the capital of Portugal?")
+    streamed = list(
+        chat(client, "What is the capital of Portugal?", stream=True, stream_options={"include_usage": True})
+    )
+    post(svc, "/v1/chat/completions", {"model": "smollm2", "messages": []})  # a 400
+    after = scrape(svc)
+
+    def delta(name, labels=ep):
+        key = (name, tuple(sorted(labels)))
+        return after.get(key, 0) - before.get(key, 0)
+
+    usages = [whole.usage, streamed[-1].usage]
+    assert delta("prefixcache_http_requests_total", (*ep, ("status", "200"))) == 2
+    assert delta("prefixcache_http_requests_total", (*ep, ("status", "400"))) == 1
+    assert delta("prefixcache_http_completion_tokens_total") == sum(u.completion_tokens for u in usages)
+    assert delta("prefixcache_http_prompt_tokens_total") == sum(u.prompt_tokens for u in usages)
+    assert (
+        delta("prefixcache_http_cached_tokens_total") == sum(u.prompt_tokens_details.cached_tokens for u in usages) > 0
+    )
+    for histogram in ("time_to_first_token", "inter_token_latency", "request_latency"):
+        assert delta(f"prefixcache_http_{histogram}_seconds_count") == 2
+        assert delta(f"prefixcache_http_{histogram}_seconds_sum") > 0
+    # the cluster's cache metrics, as the dashboard serves them
+    assert after[("prefixcache_index_up", ())] == 1
+    assert ("prefixcache_hit_ratio", (("weight", "tokens"),)) in after
+    assert any(name == "prefixcache_cached_tokens_total" for name, _ in after)
+
+
+def test_cors_is_off_without_allowed_origins(svc):
+    preflight = {"Origin": "http://elsewhere.test", "Access-Control-Request-Method": "POST"}
+    url = urlsplit(svc.http_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.request("OPTIONS", "/v1/chat/completions", headers=preflight)
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    conn.close()
+    assert r.status == 405 and r.getheader("access-control-allow-origin") is None and body["error"]["message"]
+
+
+def test_reset_prefix_cache_empties_every_worker_and_changes_no_answer(svc, client):  # before the README's
+    first = chat(client, "What is the capital of Germany?")
+    assert chat(client, "What is the capital of Germany?").usage.prompt_tokens_details.cached_tokens > 0
+    status, out = post(svc, "/reset_prefix_cache", {})
+    assert status == 200 and set(out["workers"]) == {"worker-0", "worker-1"} and out["blocks_dropped"] > 0
+    cold = chat(client, "What is the capital of Germany?")
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == first.choices[0].message.content
 
 
 def test_unknown_model_is_a_404_and_the_openai_client_says_so(svc, client):

@@ -3,6 +3,10 @@ once no worker is alive (demo model: these tests are about the service, not the 
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
+
 import openai
 import pytest
 import ray
@@ -11,7 +15,7 @@ from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.http.keys import KeyFileError, load_keys
 from cluster.service import ServiceError
-from tests.cluster.helpers import http_get_json
+from tests.cluster.helpers import http_get, http_get_json
 from worker.actor import NAMESPACE, worker_actor_name
 
 KEYS = {"acme": "sk-acme-0123456789abcdef", "globex": "sk-globex-0123456789abcdef"}
@@ -70,6 +74,31 @@ def test_a_keyed_tenant_cannot_choose_its_salt(keyed):
     with pytest.raises(openai.BadRequestError) as e:
         ask(client_for(keyed, "acme"), extra_body={"cache_salt": "tenant:guess"})
     assert "either a tenant" in e.value.message
+
+
+def keyed_post(c, path: str, body: dict, key: str | None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(c.http_url + path, data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_reset_metrics_and_tokenize_need_a_key(keyed):
+    for path, body in (("/reset_prefix_cache", {}), ("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        status, err = keyed_post(keyed, path, body, None)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key", path
+        assert keyed_post(keyed, path, body, "sk-not-a-key-of-this-server")[0] == 401
+    assert http_get(keyed.http_url + "/metrics")[0] == 401
+    ask(client_for(keyed, "globex"))  # something to drop
+    status, out = keyed_post(keyed, "/reset_prefix_cache", {}, KEYS["acme"])
+    assert status == 200 and out["blocks_dropped"] > 0 and list(out["workers"]) == ["worker-0"]
+    assert ask(client_for(keyed, "globex")).usage.prompt_tokens_details.cached_tokens == 0  # every tenant's
+    status, text = http_get(keyed.http_url + "/metrics", token=KEYS["acme"])
+    assert status == 200 and "prefixcache_http_requests_total" in text
+    assert http_get_json(keyed.http_url + "/version")[0] == 200  # like /health: no key needed
 
 
 @pytest.mark.parametrize(
