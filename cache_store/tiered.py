@@ -254,13 +254,13 @@ class TieredStore:
             n_dev = sum(r.tier == DEVICE for r in refs)
             on_disk = [r.hash for r in refs if r.tier == DISK]
             first_disk = len(path) - len(on_disk)
-            n_disk, corrupt = self._load(on_disk) if on_disk else (0, None)
-            if n_disk < len(on_disk):  # no host room, or a slot failed its checksum: hold what was read
+            self._promote([r for r in refs if r.tier == HOST])
+            n_disk, corrupt = self._load_through(on_disk) if on_disk else (0, None)
+            if n_disk < len(on_disk):  # no room, or a slot failed its checksum: hold what was read
                 self.tree.unpin(path[first_disk + n_disk :])
                 path = path[: first_disk + n_disk]
                 if corrupt is not None:
                     self._discard(corrupt)
-            self._promote([r for r in map(self.tree.get, path) if r.tier == HOST])
             self._publish()
             held = tuple(self.tree.get(h) for h in path)
             if device_only:
@@ -491,6 +491,23 @@ class TieredStore:
             else:
                 self.host_pool.free([hs])
         return moved
+
+    def _load_through(self, on_disk: list[BlockHash]) -> tuple[int, BlockHash | None]:
+        """(Lock held, path pinned, the part above it promoted.) Read disk blocks into host and
+        promote them to device a host tier's worth at a time, so a disk hit longer than the host
+        tier is read whole; returns (blocks read, the first corrupt block or None)."""
+        done, corrupt = 0, None
+        while done < len(on_disk) and corrupt is None:
+            n, corrupt = self._load(on_disk[done:])
+            if n == 0:
+                break
+            parent = self.tree.parent(on_disk[done])
+            if parent is None or self.tree.get(parent).tier == DEVICE:
+                self._promote([self.tree.get(h) for h in on_disk[done : done + n]])
+            done += n
+            if self.tree.get(on_disk[done - 1]).tier != DEVICE:
+                break  # the device tier is full: what was read stays on host
+        return done, corrupt
 
     def _load(self, on_disk: list[BlockHash]) -> tuple[int, BlockHash | None]:
         """(Lock held, path pinned.) Read disk blocks (a chain, root side first) into host slots;
