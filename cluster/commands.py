@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -76,6 +77,8 @@ def demo(args) -> int:
             dashboard=not args.no_dashboard,
             port=args.port,
             wait=not args.no_wait,
+            disk_cache_dir=None if args.no_disk_cache else _disk_dir(args.disk_cache_dir),
+            disk_cache_gb=args.disk_cache_gb,
         )
     except ServiceError as e:
         raise UserError(str(e)) from None
@@ -96,6 +99,8 @@ def start(args) -> int:
         redis_url=args.redis_url,
         device_cache_gb=args.device_cache_gb,
         host_cache_gb=args.host_cache_gb,
+        disk_cache_dir=_disk_dir(args.disk_cache_dir),
+        disk_cache_gb=args.disk_cache_gb,
         block_size=args.block_size,
         policy=args.policy,
         eviction=args.eviction,
@@ -129,6 +134,11 @@ def start(args) -> int:
     print(f"  prefixcache dashboard --redis-url <the URL above, with its password> --service {spec.service}")
     print(f"  prefixcache stop --address {args.address} --service {spec.service}")
     return EXIT_OK
+
+
+def _disk_dir(path: str | None) -> str | None:
+    """--disk-cache-dir as the absolute path the workers need (they run in directories of their own)."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def _start_http(args, service: str) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cache_store import DISK_CACHE_GB
 from cluster.client import Cluster
 from cluster.demo_chats import CHATS, QUESTIONS, SYSTEM_PROMPTS
 from cluster.lifecycle import stop_on_sigterm
@@ -175,15 +176,25 @@ def run_demo(
     port: int = 8080,
     wait: bool = True,
     out=sys.stdout,
+    disk_cache_dir: str | None = None,
+    disk_cache_gb: float = DISK_CACHE_GB,
 ) -> dict[str, float]:
     import openai
 
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     say(f"Starting a local service: {workers} workers, model {model!r}, embedded Redis, HTTP API ...")
+    if disk_cache_dir is not None:
+        say(f"  disk tier: {disk_cache_gb:g} GB per worker under {disk_cache_dir} (a second run starts warm from it)")
     t0 = time.perf_counter()
     with stop_on_sigterm():
         cluster = Cluster.start(
-            workers=workers, model=model, device_cache_gb=0.25, host_cache_gb=0.5, http_port=http_port
+            workers=workers,
+            model=model,
+            device_cache_gb=0.25,
+            host_cache_gb=0.5,
+            disk_cache_dir=disk_cache_dir,
+            disk_cache_gb=disk_cache_gb,
+            http_port=http_port,
         )
     server = None
     with stop_on_sigterm():  # again: ray.init installed its own handler

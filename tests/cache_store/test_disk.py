@@ -200,6 +200,25 @@ def test_another_format_version_is_ignored(tmp_path):
     store.close()
 
 
+def test_clear_forgets_unpinned_blocks_on_disk_too_and_a_restart_does_not_bring_them_back(tmp_path):
+    store = disk_store(tmp_path)
+    fill(store, 10)
+    kept_hashes, kept_blocks = chain(prompt(4))
+    assert store.pin_prefix(kept_hashes, kept_blocks) == 2
+    assert store.flush_disk()
+    assert store.clear() == 18
+    assert store.tree.stats().blocks[DISK] == 0 and store.disk.used_count == 2  # the pinned prefix's copies
+    assert all(hit(store, prompt(p)) == 0 for p in range(10) if p != 4) and hit(store, prompt(4)) == 2
+    c = store.stats().counters
+    assert c.get(cn.DISK_WRITES_DROPPED, 0) == 0  # forgetting on purpose is no lost write
+    store.check_invariants()
+    store.close()
+    again = disk_store(tmp_path)
+    assert again.stats().counters[cn.DISK_RECOVERED_BLOCKS] == 2
+    assert hit(again, prompt(4)) == 2 and hit(again, prompt(3)) == 0
+    again.close()
+
+
 def test_the_budget_is_never_exceeded_on_disk(tmp_path):
     store = disk_store(tmp_path, device=2, host=2, disk=12)
     for p in range(40):
