@@ -7,6 +7,7 @@
     prefixcache status --address ADDR     hit rates and workers
     prefixcache submit FILE.jsonl --address ray://HOST:10001 --out results.jsonl
     prefixcache submit FILE.jsonl --jobs http://HOST:8265 --out results.jsonl   (as a Ray Job)
+    prefixcache warm FILE.jsonl --address ADDR   compute and pin these prompts' prefixes before traffic
     prefixcache dashboard --redis-url URL
     prefixcache bench [--quick]
     prefixcache simulate --trace FILE.jsonl --workers N --capacity-blocks B [--policy NAME|all] [--json]
@@ -73,7 +74,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_demo, _start, _add_workers, _stop_and_status, _submit, _dashboard, _bench, _simulate, _demo_model):
+    for add in (
+        _demo,
+        _start,
+        _add_workers,
+        _stop_and_status,
+        _submit,
+        _warm,
+        _dashboard,
+        _bench,
+        _simulate,
+        _demo_model,
+    ):
         add(sub)
     return parser
 
@@ -225,6 +237,19 @@ def _submit(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--marked", action="store_true", help=argparse.SUPPRESS)  # result lines for a Ray Job's log
+
+
+def _warm(sub) -> None:
+    p = sub.add_parser("warm", help="pre-warm: compute and pin the prefixes of a file of prompts before traffic")
+    p.add_argument("file", help='JSONL, one {"prompt": ...} per line (as for submit; other fields are ignored)')
+    _address_arg(p)
+    _service_args(p)
+    p.add_argument("--tenant", default=None, help="tenant id: the prompts are cached under its salt")
+    p.add_argument(
+        "--everywhere",
+        action="store_true",
+        help="pin every prompt on every worker (default: on the worker its requests are placed on)",
+    )
 
 
 def _dashboard(sub) -> None:

@@ -255,6 +255,33 @@ def _submit_client(args, path: Path, out_path: str, marked: bool = False) -> int
     return EXIT_OK if tally.errors == 0 and bad_lines == 0 else EXIT_PARTIAL
 
 
+def warm(args) -> int:
+    """Pre-warm the service with the prompts of a JSONL file; exit 1 if any could not be pinned."""
+    from cluster.client import Cluster
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    lines = _read_batch(path)
+    valid = [line for line in lines if line.request is not None]
+    with _ray(args.address):
+        cluster = _service_error(Cluster.connect, args.address, service=args.service)
+        out = cluster.warm([line.request for line in valid], tenant=args.tenant, everywhere=args.everywhere)
+    problems = [line.error for line in lines if line.error is not None]
+    tokens, workers = 0, set()
+    for line, r in zip(valid, out):
+        pinned = {w: n for w, n in r.get("workers", {}).items() if n}
+        if not pinned:
+            problems.append(f"line {line.number}: not pinned: {r.get('error', 'shorter than one cache block')}")
+        tokens += sum(pinned.values())
+        workers.update(pinned)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    on = ", ".join(sorted(workers)) or "no worker"
+    print(f"{len(lines)} prompts: {len(lines) - len(problems)} pinned ({tokens:,} tokens on {on}), {len(problems)} not")
+    return EXIT_OK if not problems else EXIT_PARTIAL
+
+
 def _read_batch(path: Path) -> list[Line]:
     """Every request line and every bad line of the file (blank lines dropped), numbered."""
     from cluster.jsonl import read_requests

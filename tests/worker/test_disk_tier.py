@@ -1,12 +1,15 @@
 """The disk tier under a real engine: exact from disk at every cached length (demo and smollm2),
-exact and hitting again after a SIGKILL in the middle of writes, never hitting another model's
-slots, recomputing when a read would be slower, and pre-warmed prompts that survive a restart."""
+exact and hitting again after a SIGKILL in the middle of writes, a flipped byte a counted miss,
+a small filesystem that fills (writes dropped and counted, serving goes on, capacity kept), never
+hitting another model's slots, recomputing when a read would be slower, and pre-warmed prompts
+that survive a restart."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +20,7 @@ import torch
 
 from cache_store import CacheConfig, KVShape
 from cache_store import counter_names as cn
+from cache_store.disk import slab_name
 from cache_store.tree import DISK
 from worker.engine import Engine
 from worker.models import load_model, load_tokenizer
@@ -27,13 +31,19 @@ from .reference import check, check_run, rand_ids, reference
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def disk_engine(tmp_path, model="demo", *, device_blocks=64, host_blocks=8, disk_gb=0.05, block_size=None) -> Engine:
+def disk_engine(
+    tmp_path, model="demo", *, device_blocks=64, host_blocks=8, disk_gb=0.05, block_size=None, kv_dir=None
+) -> Engine:
     loaded = load_model(model, torch.device("cpu"), torch.float32)
     bs = block_size or CacheConfig.block_size
     lay = loaded.layout
     bb = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
     cfg = CacheConfig.from_gb(
-        device_blocks * bb / 2**30, host_blocks * bb / 2**30, disk_gb, block_size=bs, disk_dir=str(tmp_path / "kv")
+        device_blocks * bb / 2**30,
+        host_blocks * bb / 2**30,
+        disk_gb,
+        block_size=bs,
+        disk_dir=str(kv_dir or tmp_path / "kv"),
     )
     return Engine(loaded, cfg, device=torch.device("cpu"))
 
@@ -196,5 +206,103 @@ def test_sigkill_in_the_middle_of_writes_then_restart_serves_exactly_and_hits(tm
             hits += r.cached_tokens > 0
         assert hits > 0
         engine.store.check_invariants()
+    finally:
+        engine.close()
+
+
+def flip_payload_byte(store, h) -> None:
+    disk = store.disk
+    slot = store.tree.disk_slot(h)
+    path = disk.dir / slab_name(slot // disk.slots_per_slab)
+    off = (slot % disk.slots_per_slab) * disk.layout.stride + disk.layout.header_bytes + 1234
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def test_a_flipped_byte_on_disk_is_a_counted_miss_never_wrong_kv(tmp_path):
+    bs = CacheConfig.block_size
+    w = rand_ids(4 * bs + 3, seed=26)
+    engine = disk_engine(tmp_path)
+    check_run(engine, w, 0)
+    engine = restarted(engine, tmp_path)
+    try:
+        flip_payload_byte(engine.store, engine.chain(w)[2])  # the third block's KV
+        r = check_run(engine, w, 2 * bs)  # the two blocks before it hit; it and the rest are recomputed
+        c = engine.store.stats().counters
+        assert c[cn.DISK_CORRUPT_SLOTS] == 1 and engine.stats()["disk"]["corrupt_slots"] == 1
+        assert r.cached_tokens == 2 * bs
+        check_run(engine, w, 4 * bs)  # recomputed and cached again
+        engine.store.check_invariants()
+    finally:
+        engine.close()
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True
+    )
+    return done.returncode == 0
+
+
+def test_a_small_filesystem_that_fills_keeps_serving_drops_and_counts_writes(tmp_path):
+    """A 2 MiB tmpfs under a tier asked for 50 MB: the tier takes what fits at start; someone else
+    then fills the filesystem; warm() pins fill every slot, so the blocks traffic pushes out of
+    memory find no disk room: dropped and counted, every answer exact, the capacity kept."""
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root, as CI runs)")
+    engine = None
+    try:
+        engine = disk_engine(tmp_path, device_blocks=48, host_blocks=4, kv_dir=mnt / "kv")
+        cap = engine.store.disk.capacity
+        assert 0 < cap < 16
+        with open(mnt / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+            while True:
+                f.write(b"x" * 4096)
+        system = [rand_ids(6 * 16, seed=40 + i) for i in range(-(-cap // 6))]
+        engine.warm(system)
+        assert engine.store.flush_disk()
+        assert engine.store.disk.used_count == cap  # every slot holds a pinned block
+        for s_ in range(8):
+            ids = rand_ids(5 * 16 + 4, seed=50 + s_)
+            if s_ % 3 == 0:
+                check_run(engine, ids, 0)  # exact while its blocks cannot reach the disk
+            else:
+                assert engine.run(Request(ids, max_new_tokens=1)).ok
+            assert engine.store.disk.used_count <= cap
+        d = engine.stats()["disk"]
+        assert d["writes_dropped"] > 0 and d["write_errors"] == 0
+        assert d["bytes_used"] <= d["bytes_capacity"] == cap * engine.store.disk.layout.stride
+        check_run(engine, system[0] + [1, 2, 3], 6 * 16)  # the pinned prompts still hit
+        slabs = list((mnt / "kv").glob("slab-*.pkv"))
+        assert sum(f.stat().st_size for f in slabs) == d["bytes_capacity"]
+        engine.store.check_invariants()
+    finally:
+        if engine is not None:
+            engine.close()
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_worker_stats_report_the_disk_tier_and_its_files_are_private(tmp_path):
+    engine = disk_engine(tmp_path, device_blocks=24, host_blocks=4)
+    try:
+        for s_ in range(6):
+            engine.generate([rand_ids(100, seed=60 + s_)], max_new_tokens=1)
+        assert engine.store.flush_disk()
+        engine.generate([rand_ids(100, seed=60)], max_new_tokens=1)  # its blocks come back from disk
+        st = engine.stats()
+        d = st["disk"]
+        assert d["hits"] > 0 and d["read_gbps"] > 0 and d["write_gbps"] > 0
+        assert 0 < d["bytes_used"] <= d["bytes_capacity"] == st["disk_tier"]["bytes_capacity"]
+        assert d["writes_dropped"] == d["corrupt_slots"] == 0
+        g = engine.gauges()  # what the lease carries to the dashboard
+        assert g["disk_capacity"] == engine.store.disk.capacity and g["disk_bytes"] == d["bytes_used"]
+        kv = tmp_path / "kv"
+        assert stat.S_IMODE(kv.stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in kv.iterdir())
     finally:
         engine.close()
