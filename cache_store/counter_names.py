@@ -52,7 +52,6 @@ DISK_COUNTERS = (
 )
 
 
-
 def disk_summary(counters: Mapping[str, int], bytes_used: int, bytes_capacity: int) -> dict[str, float]:
     """A worker's disk tier in the numbers people read (the worker's stats, the dashboard, /metrics):
     bytes used and capacity, hits (blocks served from disk), read and write GB/s while the I/O calls
