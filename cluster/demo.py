@@ -150,7 +150,9 @@ def print_tables(say, s: dict[str, float], stats: dict) -> None:
     say("")
     rows = []
     for w, c in stats["per_worker"].items():
-        dev = stats["workers"].get(w, {}).get("device_tier", {})
+        info = stats["workers"].get(w, {})
+        dev, disk = info.get("device_tier", {}), info.get("disk", {})
+        on_disk = f"{disk['bytes_used'] / 1e6:,.0f} MB, {disk['hits']:,} hits" if disk.get("bytes_capacity") else "off"
         rows.append(
             [
                 w,
@@ -158,10 +160,11 @@ def print_tables(say, s: dict[str, float], stats: dict) -> None:
                 f"{c['hit_rate']:.1%}",
                 f"{c['cached_tokens']:,}",
                 f"{dev.get('blocks', 0)}/{dev.get('capacity', 0)}",
+                on_disk,
                 c["evictions"],
             ]
         )
-    say(table(rows, ["worker", "requests", "hit rate", "tokens saved", "device blocks", "evictions"]))
+    say(table(rows, ["worker", "requests", "hit rate", "tokens saved", "device blocks", "disk tier", "evictions"]))
     if s["ttft_warm_p50"] == s["ttft_warm_p50"] and s["ttft_warm_p50"] > 0:
         ratio = s["ttft_cold_p50"] / s["ttft_warm_p50"]
         say(f"\nRequests that hit the cache saw their first token {ratio:.1f}x sooner than cold ones.")

@@ -180,6 +180,22 @@ def test_another_model_on_the_same_directory_never_hits_and_reuses_the_slots(tmp
     back.close()
 
 
+def test_salts_apply_on_disk_as_in_every_tier(tmp_path):
+    store = disk_store(tmp_path)
+    for p in range(10):
+        serve(store, prompt(p), salt="tenant-a")
+    assert store.flush_disk()
+    store.close()
+    again = disk_store(tmp_path)
+    assert again.tree.stats().blocks[DISK] == 20
+    assert hit(again, prompt(3)) == 0  # the same tokens without the salt: another chain
+    hashes, blocks = chain(prompt(3), salt="tenant-a")
+    hold = again.acquire(hashes, blocks)
+    assert len(hold) == 2 and hold.disk_hits == 2
+    again.release(hold)
+    again.close()
+
+
 def test_another_format_version_is_ignored(tmp_path):
     store = disk_store(tmp_path)
     fill(store, 1)
