@@ -101,6 +101,7 @@ def ttft_by_tier(model: str, device: str, lengths, rounds: int, log) -> dict:
                 t["host"].append(s)
                 engine.close()  # a restart: its blocks are on disk only in the next engine
                 engine = _engine(model, device, str(kv), gb, gb, 2 * gb)
+                _ttft(engine, _ids(4 * SUFFIX, seed=99 + r, vocab=vocab))  # a fresh engine's first request aside
                 _drop_page_cache(kv)
                 before = engine.store.stats().counters
                 s, got["disk"] = _ttft(engine, ids)
