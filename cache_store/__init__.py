@@ -7,7 +7,15 @@ dashboard) never loads torch.
 
 import importlib
 
-from cache_store.config import DEVICE_CACHE_GB, DISK_CACHE_GB, GIB, HOST_CACHE_GB, CacheConfig
+from cache_store.config import (
+    DEVICE_CACHE_GB,
+    DISK_CACHE_GB,
+    GIB,
+    HOST_CACHE_GB,
+    CacheConfig,
+    default_disk_dir,
+    worker_disk_dir,
+)
 from cache_store.counters import Counters
 from cache_store.embedded import EmbeddedRedis
 from cache_store.errors import CacheStoreError, ConfigError, Fenced, IndexAuthError, IndexUnavailable, PoolExhausted
@@ -80,10 +88,12 @@ __all__ = [
     "TieredStore",
     "block_chain",
     "block_hash",
+    "default_disk_dir",
     "make_policy",
     "namespace",
     "redact",
     "root_hash",
     "time_promotion",
     "token_blocks",
+    "worker_disk_dir",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cache_store.errors import ConfigError
 from cache_store.policy import POLICIES
@@ -82,3 +84,16 @@ class CacheConfig:
 DEVICE_CACHE_GB = CacheConfig.device_bytes / GIB
 HOST_CACHE_GB = CacheConfig.host_bytes / GIB
 DISK_CACHE_GB = CacheConfig.disk_bytes / GIB  # used only with a disk directory
+
+
+def default_disk_dir() -> Path:
+    """Where `prefixcache demo` keeps its workers' disk tiers: under the user's cache directory
+    ($XDG_CACHE_HOME, else ~/.cache), so a second demo run finds the first one's KV there."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "prefixcache" / "kv"
+
+
+def worker_disk_dir(root: str | os.PathLike, service: str, worker_id: str) -> str:
+    """One worker's disk-tier directory under a service's `--disk-cache-dir`: its own (a directory
+    serves one process), and the same after a restart of that worker (so it finds its KV again)."""
+    return str(Path(root) / service / worker_id)

@@ -51,6 +51,27 @@ DISK_COUNTERS = (
     DISK_IGNORED_SLOTS,
 )
 
+
+def disk_summary(counters: Mapping[str, int], bytes_used: int, bytes_capacity: int) -> dict[str, float]:
+    """A worker's disk tier in the numbers people read (the worker's stats, the dashboard, /metrics):
+    bytes used and capacity, hits (blocks served from disk), read and write GB/s while the I/O calls
+    ran (bytes over the time spent in them: the bandwidth reached, not an average over idle time),
+    dropped writes and corrupt slots found."""
+    c = {k: int(counters.get(k, 0) or 0) for k in DISK_COUNTERS}
+    return {
+        "bytes_used": int(bytes_used),
+        "bytes_capacity": int(bytes_capacity),
+        "hits": c[DISK_READ_BLOCKS],
+        "read_gbps": c[DISK_READ_BYTES] / c[DISK_READ_US] / 1e3 if c[DISK_READ_US] else 0.0,
+        "write_gbps": c[DISK_WRITE_BYTES] / c[DISK_WRITE_US] / 1e3 if c[DISK_WRITE_US] else 0.0,
+        "writes_dropped": c[DISK_WRITES_DROPPED],
+        "write_errors": c[DISK_WRITE_ERRORS],
+        "corrupt_slots": c[DISK_CORRUPT_SLOTS],
+        "read_skipped": c[DISK_READ_SKIPPED],
+        "recovered_blocks": c[DISK_RECOVERED_BLOCKS],
+    }
+
+
 _TENANT = "t."  # tenant counters: "t.<tenant label>.<request counter>"
 _MISS = "miss_tokens_"
 

@@ -345,6 +345,20 @@ class DiskTier:
                     continue
                 self._release(s)
 
+    def erase(self, slots: Sequence[int]) -> None:
+        """Blank the headers of these free slots, so that a restart does not find their blocks again
+        (what `TieredStore.clear` forgets stays forgotten). Slots in use or with a write in flight
+        are left alone: the caller flushes the writer first."""
+        blank = bytes(self.layout.header_bytes)
+        with self._lock:
+            todo = [s for s in slots if self._state[s] == FREE]
+            for s in todo:  # under the lock: none of them can be handed out and written meanwhile
+                fd, off = self._where(s)
+                try:
+                    os.pwrite(fd, blank, off)
+                except OSError as e:  # the slot stays findable: valid KV of its block, never wrong
+                    log.warning("disk cache: could not blank slot %d: %s", s, e)
+
     def _release(self, s: int) -> None:
         self._state[s] = FREE
         self._hash[s] = None

@@ -254,13 +254,13 @@ class TieredStore:
             n_dev = sum(r.tier == DEVICE for r in refs)
             on_disk = [r.hash for r in refs if r.tier == DISK]
             first_disk = len(path) - len(on_disk)
-            n_disk, corrupt = self._load(on_disk) if on_disk else (0, None)
-            if n_disk < len(on_disk):  # no host room, or a slot failed its checksum: hold what was read
+            self._promote([r for r in refs if r.tier == HOST])
+            n_disk, corrupt = self._load_through(on_disk) if on_disk else (0, None)
+            if n_disk < len(on_disk):  # no room, or a slot failed its checksum: hold what was read
                 self.tree.unpin(path[first_disk + n_disk :])
                 path = path[: first_disk + n_disk]
                 if corrupt is not None:
                     self._discard(corrupt)
-            self._promote([r for r in map(self.tree.get, path) if r.tier == HOST])
             self._publish()
             held = tuple(self.tree.get(h) for h in path)
             if device_only:
@@ -492,6 +492,23 @@ class TieredStore:
                 self.host_pool.free([hs])
         return moved
 
+    def _load_through(self, on_disk: list[BlockHash]) -> tuple[int, BlockHash | None]:
+        """(Lock held, path pinned, the part above it promoted.) Read disk blocks into host and
+        promote them to device a host tier's worth at a time, so a disk hit longer than the host
+        tier is read whole; returns (blocks read, the first corrupt block or None)."""
+        done, corrupt = 0, None
+        while done < len(on_disk) and corrupt is None:
+            n, corrupt = self._load(on_disk[done:])
+            if n == 0:
+                break
+            parent = self.tree.parent(on_disk[done])
+            if parent is None or self.tree.get(parent).tier == DEVICE:
+                self._promote([self.tree.get(h) for h in on_disk[done : done + n]])
+            done += n
+            if self.tree.get(on_disk[done - 1]).tier != DEVICE:
+                break  # the device tier is full: what was read stays on host
+        return done, corrupt
+
     def _load(self, on_disk: list[BlockHash]) -> tuple[int, BlockHash | None]:
         """(Lock held, path pinned.) Read disk blocks (a chain, root side first) into host slots;
         returns (blocks moved to host, the first block whose slot failed its checksum or None)."""
@@ -715,19 +732,29 @@ class TieredStore:
             return None
 
     def clear(self) -> int:
-        """Drop every cached block nothing pins, in both tiers (benchmarks start cold with it; a
-        running request's blocks and `pin_prefix` pins stay). Returns blocks dropped."""
+        """Drop every cached block nothing pins, in every tier, disk copies and disk-only blocks
+        too (benchmarks start cold with it; a running request's blocks and `pin_prefix` pins stay,
+        with their disk copies). Returns blocks dropped."""
         with self._lock:
-            dropped = 0
+            before = len(self.tree)
+            on_disk = set()
+            if self.disk is not None:
+                self.disk.flush()  # no write in flight (the pump waits for this lock): freed slots are free
+                on_disk = {self.tree.disk_slot(r.hash) for r in self.tree.blocks()} - {NO_SLOT}
             while True:
+                if self.disk is not None:  # disk copies first: the memory blocks then go, not to disk
+                    self._make_disk_room(self.disk.capacity)
                 victims = {tier: self.tree.victims(tier, len(self.tree), spill=False) for tier in (HOST, DEVICE)}
                 if not any(victims.values()):
                     break
                 for tier, refs in victims.items():
-                    self._drop(tier, refs)
-                    dropped += len(refs)
+                    self._drop(tier, refs, lost_writes=False)
+            self._unsaved = OrderedDict((h, None) for h in self._unsaved if h in self.tree)
+            if self.disk is not None:
+                kept = {self.tree.disk_slot(r.hash) for r in self.tree.blocks()}
+                self.disk.erase(sorted(on_disk - kept))
             self._publish()
-            return dropped
+            return before - len(self.tree)
 
     def set_priority(self, hashes: Sequence[BlockHash], priority: int) -> None:
         """Eviction priority of cached blocks (used by the 'priority' policy; higher stays longer)."""
@@ -855,9 +882,9 @@ class TieredStore:
             self._drop(HOST, self.tree.victims(HOST, need, spill=False))
         return min(k, self.host_pool.free_count)
 
-    def _drop(self, tier: Tier, victims: list[BlockRef]) -> None:
+    def _drop(self, tier: Tier, victims: list[BlockRef], *, lost_writes: bool = True) -> None:
         """Leaves (children first) leave `tier`: to the disk tier when they have a disk copy (no
-        write needed), else out of the cache."""
+        write needed), else out of the cache (`lost_writes`: counted as writes the disk missed)."""
         if not victims:
             return
         gone, to_disk = [], 0
@@ -876,7 +903,7 @@ class TieredStore:
         (self.device_pool if tier == DEVICE else self.host_pool).free(gone)
         self.counters.add(dropped_blocks(tier), len(gone) - to_disk)
         self.counters.add("spilled_blocks", to_disk)
-        if self.disk is not None:  # the writer was behind (or the disk all pinned): lost unwritten
+        if self.disk is not None and lost_writes:  # the writer was behind (or the disk all pinned)
             self.counters.add(cn.DISK_WRITES_DROPPED, len(gone) - to_disk)
 
 

@@ -8,6 +8,7 @@
     prefixcache reset-prefix-cache --address ADDR   empty every worker's prefix cache
     prefixcache submit FILE.jsonl --address ray://HOST:10001 --out results.jsonl
     prefixcache submit FILE.jsonl --jobs http://HOST:8265 --out results.jsonl   (as a Ray Job)
+    prefixcache warm FILE.jsonl --address ADDR   compute and pin these prompts' prefixes before traffic
     prefixcache dashboard --redis-url URL
     prefixcache bench [--quick]
     prefixcache simulate --trace FILE.jsonl --workers N --capacity-blocks B [--policy NAME|all] [--json]
@@ -23,7 +24,7 @@ import logging
 import os
 import sys
 
-from cache_store import DEVICE_CACHE_GB, HOST_CACHE_GB, CacheConfig
+from cache_store import DEVICE_CACHE_GB, DISK_CACHE_GB, HOST_CACHE_GB, CacheConfig, default_disk_dir
 from cache_store.policy import POLICIES as EVICTION_POLICIES
 from cluster.bench import PARTS as BENCH_PARTS
 from cluster.policies import DEFAULT_POLICY
@@ -31,6 +32,7 @@ from cluster.policies import POLICIES as ROUTING_POLICIES
 from worker.config import DEVICE_DEFAULTS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+DEMO_DISK_GB = 1.0  # the demo's disk tier per worker: enough for its chats, small enough for a laptop
 
 
 def _service_args(p: argparse.ArgumentParser) -> None:
@@ -80,7 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_demo, _start, _add_workers, _stop_and_status, _submit, _dashboard, _bench, _simulate, _demo_model):
+    for add in (
+        _demo,
+        _start,
+        _add_workers,
+        _stop_and_status,
+        _submit,
+        _warm,
+        _dashboard,
+        _bench,
+        _simulate,
+        _demo_model,
+    ):
         add(sub)
     return parser
 
@@ -95,6 +108,7 @@ def _demo(sub) -> None:
     )
     p.add_argument("--http-port", type=int, default=8000, help="port of the OpenAI-compatible API (default 8000)")
     p.add_argument("--port", type=int, default=8080, help="dashboard port (default 8080)")
+    _disk_args(p, default_dir=str(default_disk_dir()))
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument(
         "--no-wait", action="store_true", help="exit after the table instead of serving the API and dashboard"
@@ -139,6 +153,7 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
     """Each worker's cache and the routing over them; defaults and names from CacheConfig and the registries."""
     p.add_argument("--device-cache-gb", type=float, default=DEVICE_CACHE_GB)
     p.add_argument("--host-cache-gb", type=float, default=HOST_CACHE_GB)
+    _disk_args(p, default_dir=None)
     p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
     p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(ROUTING_POLICIES))
     p.add_argument(
@@ -148,6 +163,24 @@ def _cache_args(p: argparse.ArgumentParser) -> None:
         help=f"{CacheConfig.eviction} by default (cache_store.policy); bounded_slru protects reused "
         "blocks up to half the tier; slru protects them all (can starve chat turns)",
     )
+
+
+def _disk_args(p: argparse.ArgumentParser, default_dir: str | None) -> None:
+    p.add_argument(
+        "--disk-cache-dir",
+        default=default_dir,
+        metavar="DIR",
+        help="a disk tier per worker under DIR (DIR/<service>/<worker>, on the worker's node; kept across "
+        "restarts)" + (f" (default {default_dir})" if default_dir else "; default: no disk tier"),
+    )
+    p.add_argument(
+        "--disk-cache-gb",
+        type=float,
+        default=DISK_CACHE_GB if default_dir is None else DEMO_DISK_GB,
+        help="each worker's disk tier budget (preallocated in a few slab files)",
+    )
+    if default_dir is not None:
+        p.add_argument("--no-disk-cache", action="store_true", help="run without the disk tier")
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
@@ -216,6 +249,19 @@ def _submit(sub) -> None:
     )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--marked", action="store_true", help=argparse.SUPPRESS)  # result lines for a Ray Job's log
+
+
+def _warm(sub) -> None:
+    p = sub.add_parser("warm", help="pre-warm: compute and pin the prefixes of a file of prompts before traffic")
+    p.add_argument("file", help='JSONL, one {"prompt": ...} per line (as for submit; other fields are ignored)')
+    _address_arg(p)
+    _service_args(p)
+    p.add_argument("--tenant", default=None, help="tenant id: the prompts are cached under its salt")
+    p.add_argument(
+        "--everywhere",
+        action="store_true",
+        help="pin every prompt on every worker (default: on the worker its requests are placed on)",
+    )
 
 
 def _dashboard(sub) -> None:

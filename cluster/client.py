@@ -185,6 +185,30 @@ class Cluster:
     def _router_for(self, req: Request, tenant: str | None):
         return router_for(self._routers, req.prompt, tenant, req.cache_salt, self._config["block_size"])
 
+    def warm(
+        self,
+        prompts: Sequence[str | Sequence[int] | Request] | str,
+        *,
+        cache_salt: str | None = None,
+        tenant: str | None = None,
+        everywhere: bool = False,
+    ) -> list[dict]:
+        """Pre-warm before traffic arrives: compute and pin each prompt's prefix on the worker its
+        requests will be placed on (every worker with `everywhere`). A pin lasts for the worker's
+        life; with a disk tier the pinned blocks are written to disk first, so a restarted worker
+        still has them (cached, no longer pinned). One dict per prompt: {"workers": {worker id:
+        tokens pinned}} or {"error": what to change}. A Request stands for its prompt and salt."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        reqs = [
+            Request(p.prompt, 0, cache_salt=p.cache_salt)
+            if isinstance(p, Request)
+            else Request(p, 0, cache_salt=cache_salt)
+            for p in prompts
+        ]
+        reqs = [r.to_dict() for r in reqs]
+        return ray.get(self._router.warm.remote(reqs, tenant, everywhere))
+
     # ---- operations -----------------------------------------------------------------
 
     def stats(self) -> dict:

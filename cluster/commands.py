@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import shutil
 import sys
@@ -76,6 +77,8 @@ def demo(args) -> int:
             dashboard=not args.no_dashboard,
             port=args.port,
             wait=not args.no_wait,
+            disk_cache_dir=None if args.no_disk_cache else _disk_dir(args.disk_cache_dir),
+            disk_cache_gb=args.disk_cache_gb,
         )
     except ServiceError as e:
         raise UserError(str(e)) from None
@@ -100,6 +103,8 @@ def start(args) -> int:
         redis_url=args.redis_url,
         device_cache_gb=args.device_cache_gb,
         host_cache_gb=args.host_cache_gb,
+        disk_cache_dir=_disk_dir(args.disk_cache_dir),
+        disk_cache_gb=args.disk_cache_gb,
         block_size=args.block_size,
         policy=args.policy,
         eviction=args.eviction,
@@ -133,6 +138,11 @@ def start(args) -> int:
     print(f"  prefixcache dashboard --redis-url <the URL above, with its password> --service {spec.service}")
     print(f"  prefixcache stop --address {args.address} --service {spec.service}")
     return EXIT_OK
+
+
+def _disk_dir(path: str | None) -> str | None:
+    """--disk-cache-dir as the absolute path the workers need (they run in directories of their own)."""
+    return None if path is None else os.path.abspath(os.path.expanduser(path))
 
 
 def _start_http(args, service: str) -> str:
@@ -262,6 +272,33 @@ def _submit_client(args, path: Path, out_path: str, marked: bool = False) -> int
     summary = tally.summary(len(lines), bad_lines) + ("" if out_path == "-" else f"; results in {out_path}")
     print((SUMMARY_MARKER if marked else "") + summary, file=sys.stderr)
     return EXIT_OK if tally.errors == 0 and bad_lines == 0 else EXIT_PARTIAL
+
+
+def warm(args) -> int:
+    """Pre-warm the service with the prompts of a JSONL file; exit 1 if any could not be pinned."""
+    from cluster.client import Cluster
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    lines = _read_batch(path)
+    valid = [line for line in lines if line.request is not None]
+    with _ray(args.address):
+        cluster = _service_error(Cluster.connect, args.address, service=args.service)
+        out = cluster.warm([line.request for line in valid], tenant=args.tenant, everywhere=args.everywhere)
+    problems = [line.error for line in lines if line.error is not None]
+    tokens, workers = 0, set()
+    for line, r in zip(valid, out):
+        pinned = {w: n for w, n in r.get("workers", {}).items() if n}
+        if not pinned:
+            problems.append(f"line {line.number}: not pinned: {r.get('error', 'shorter than one cache block')}")
+        tokens += sum(pinned.values())
+        workers.update(pinned)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    on = ", ".join(sorted(workers)) or "no worker"
+    print(f"{len(lines)} prompts: {len(lines) - len(problems)} pinned ({tokens:,} tokens on {on}), {len(problems)} not")
+    return EXIT_OK if not problems else EXIT_PARTIAL
 
 
 def _read_batch(path: Path) -> list[Line]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from cache_store import DISK_CACHE_GB
 from cluster.client import Cluster
 from cluster.demo_chats import CHATS, QUESTIONS, SYSTEM_PROMPTS
 from cluster.lifecycle import stop_on_sigterm
@@ -149,7 +150,9 @@ def print_tables(say, s: dict[str, float], stats: dict) -> None:
     say("")
     rows = []
     for w, c in stats["per_worker"].items():
-        dev = stats["workers"].get(w, {}).get("device_tier", {})
+        info = stats["workers"].get(w, {})
+        dev, disk = info.get("device_tier", {}), info.get("disk", {})
+        on_disk = f"{disk['bytes_used'] / 1e6:,.0f} MB, {disk['hits']:,} hits" if disk.get("bytes_capacity") else "off"
         rows.append(
             [
                 w,
@@ -157,10 +160,11 @@ def print_tables(say, s: dict[str, float], stats: dict) -> None:
                 f"{c['hit_rate']:.1%}",
                 f"{c['cached_tokens']:,}",
                 f"{dev.get('blocks', 0)}/{dev.get('capacity', 0)}",
+                on_disk,
                 c["evictions"],
             ]
         )
-    say(table(rows, ["worker", "requests", "hit rate", "tokens saved", "device blocks", "evictions"]))
+    say(table(rows, ["worker", "requests", "hit rate", "tokens saved", "device blocks", "disk tier", "evictions"]))
     if s["ttft_warm_p50"] == s["ttft_warm_p50"] and s["ttft_warm_p50"] > 0:
         ratio = s["ttft_cold_p50"] / s["ttft_warm_p50"]
         say(f"\nRequests that hit the cache saw their first token {ratio:.1f}x sooner than cold ones.")
@@ -175,15 +179,25 @@ def run_demo(
     port: int = 8080,
     wait: bool = True,
     out=sys.stdout,
+    disk_cache_dir: str | None = None,
+    disk_cache_gb: float = DISK_CACHE_GB,
 ) -> dict[str, float]:
     import openai
 
     say = lambda *a: print(*a, file=out, flush=True)  # noqa: E731
     say(f"Starting a local service: {workers} workers, model {model!r}, embedded Redis, HTTP API ...")
+    if disk_cache_dir is not None:
+        say(f"  disk tier: {disk_cache_gb:g} GB per worker under {disk_cache_dir} (a second run starts warm from it)")
     t0 = time.perf_counter()
     with stop_on_sigterm():
         cluster = Cluster.start(
-            workers=workers, model=model, device_cache_gb=0.25, host_cache_gb=0.5, http_port=http_port
+            workers=workers,
+            model=model,
+            device_cache_gb=0.25,
+            host_cache_gb=0.5,
+            disk_cache_dir=disk_cache_dir,
+            disk_cache_gb=disk_cache_gb,
+            http_port=http_port,
         )
     server = None
     with stop_on_sigterm():  # again: ray.init installed its own handler

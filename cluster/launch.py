@@ -129,7 +129,7 @@ def _start_workers(spec: ServiceSpec, redis_url: str, ids: list[str], lifetime) 
         ).remote(
             wid,
             spec.model,
-            asdict(spec.cache_config()),
+            asdict(spec.cache_config(wid)),
             redis_url=redis_url,
             dtype=spec.dtype,
             audit_fraction=spec.audit_fraction,

@@ -4,7 +4,8 @@ A policy is a pure function of a `PlacementInput`, so it is tested without
 Ray or Redis and benchmarks can swap policies by name:
 
     cache_aware    minimise estimated time to first token: uncached prefill
-                   + promotion of host-tier blocks + peer fetch (when the
+                   + promotion of host-tier blocks + reading disk-tier blocks
+                   (when that beats recomputing them) + peer fetch (when the
                    cost model says fetching beats recomputing) + the work
                    queued ahead on that worker, + recomputing what another
                    worker already holds counted once more (cluster time lost).
@@ -121,7 +122,7 @@ class CacheAware:
             return self._fallback(x)
         live = set(x.workers) if x.holdings or x.predicted else set()
         actual = {h.worker_id: h for h in x.holdings if h.worker_id in live and h.blocks > 0}
-        expect = {w: h.blocks for w, h in actual.items()}  # only workers with blocks: the rest have 0
+        expect = {w: usable_blocks(x, h) for w, h in actual.items()}  # only holders: the rest have 0
         for w, b in x.predicted.items():
             if b > expect.get(w, 0) and w in live:
                 expect[w] = b
@@ -166,7 +167,11 @@ class CacheAware:
         `x.queue_s(w)`, last, as the sum always was), and the placement on it."""
         c = x.costs.get(w, DEFAULT_COSTS)
         local = expect.get(w, 0)
-        on_host = actual[w].blocks - actual[w].device_blocks if w in actual else 0
+        held = actual.get(w)
+        on_host = held.blocks - held.device_blocks - held.disk_blocks if held else 0
+        # Its disk-only tail is read when `usable_blocks` counted it (predicted to hold more: the
+        # requests placed there before this one read or recompute it first).
+        read = held.disk_blocks if held and held.disk_blocks and local == held.blocks else 0
         peer, fetch = None, 0
         if self.peer_fetch:
             # only what the index shows can be fetched; predictions are not computed yet
@@ -185,6 +190,7 @@ class CacheAware:
             c.prefill_s(x.prompt_tokens - cached_tokens)
             + self.duplicate_weight * c.prefill_s(duplicated)
             + on_host * c.promote_s_per_block
+            + c.disk_read_s(read)
             + c.fetch_s(fetch)
         )
         reason = "cache" if local or fetch else "load"
@@ -213,6 +219,15 @@ def make_policy(name: str) -> Policy:
         return POLICIES[name]()
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {sorted(POLICIES)}") from None
+
+
+def usable_blocks(x: PlacementInput, h: Holding) -> int:
+    """Leading blocks of a holding that would serve a request on its worker: its disk-only tail
+    counts only where reading it beats recomputing it (that worker's measured costs; unmeasured:
+    never), as the worker itself decides when the request arrives."""
+    if h.disk_blocks and not x.costs.get(h.worker_id, DEFAULT_COSTS).disk_read_pays(h.disk_blocks, x.block_size):
+        return h.blocks - h.disk_blocks
+    return h.blocks
 
 
 def _top_two(expect: Mapping[str, int]) -> list[tuple[int, str | None]]:

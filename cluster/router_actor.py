@@ -397,6 +397,42 @@ class RouterService:
             "failed": {w: err for w, _, err in outs if err is not None},
         }
 
+    async def warm(self, requests: list[dict], tenant: str | None = None, everywhere: bool = False) -> list[dict]:
+        """Pre-warm before traffic: compute and pin each request's prompt on the worker a request
+        with that prompt would be placed on now (or on every live worker with `everywhere`), one
+        prompt after another, so prompts sharing a prefix meet the worker that already holds it.
+        Per request: {"workers": {worker: tokens pinned}} or {"error": why}. Not counted as traffic."""
+        await self._ready()
+        out = []
+        for request in requests:
+            req = self._admit(request, tenant)
+            if isinstance(req, dict):  # a failed Result dict: what is wrong with the request
+                out.append({"error": req["error"]})
+                continue
+            prepared = await asyncio.to_thread(self.router.prepare, req)
+            if isinstance(prepared, Problem):
+                out.append({"error": prepared.message})
+                continue
+            ids, chain = prepared
+            try:
+                out.append({"workers": await self._warm_one(ids, chain, req.cache_salt, everywhere)})
+            except (NoWorker, ray.exceptions.RayError) as e:
+                out.append({"error": f"not warmed: {type(e).__name__}: {e}"})
+        return out
+
+    async def _warm_one(self, ids: list[int], chain: list, salt: str | None, everywhere: bool) -> dict[str, int]:
+        if everywhere:
+            targets = [w for w in self.handles if w in self.router.alive]
+            pinned = await asyncio.gather(*(self.handles[w].warm.remote([ids], salt) for w in targets))
+            return {w: p[0] for w, p in zip(targets, pinned)}
+        plan = await self._place(ids, chain, [])
+        try:
+            w = plan.placement.worker_id
+            [pinned] = await self.handles[w].warm.remote([ids], salt)
+            return {w: pinned}
+        finally:
+            self.router.finished(plan, None)
+
     # ---- introspection ---------------------------------------------------------------
 
     async def settings(self) -> dict:

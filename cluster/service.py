@@ -12,13 +12,14 @@ stops the actors; the routers read their settings from here.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import ray
 
-from cache_store import DEVICE_CACHE_GB, HOST_CACHE_GB, CacheConfig, redact
+from cache_store import DEVICE_CACHE_GB, DISK_CACHE_GB, HOST_CACHE_GB, CacheConfig, redact, worker_disk_dir
 from cluster.policies import DEFAULT_POLICY, POLICIES
 from worker.actor import NAMESPACE, worker_actor_name
 from worker.config import EngineConfig
@@ -40,6 +41,10 @@ class ServiceSpec:
     redis_url: str | None = None  # None: an embedded Valkey on the driver's node
     device_cache_gb: float = DEVICE_CACHE_GB
     host_cache_gb: float = HOST_CACHE_GB
+    # A disk tier per worker under this directory (`<dir>/<service>/<worker id>`, on the worker's
+    # node), surviving that worker's restarts; None: no disk tier.
+    disk_cache_dir: str | None = None
+    disk_cache_gb: float = DISK_CACHE_GB
     block_size: int = CacheConfig.block_size
     eviction: str = CacheConfig.eviction
     policy: str = DEFAULT_POLICY
@@ -66,19 +71,35 @@ class ServiceSpec:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.device_cache_gb <= 0 or self.host_cache_gb < 0:
             raise ValueError("device_cache_gb must be > 0 and host_cache_gb >= 0")
+        if self.disk_cache_dir is not None and (
+            not isinstance(self.disk_cache_dir, str) or not os.path.isabs(self.disk_cache_dir)
+        ):
+            raise ValueError(
+                f"disk_cache_dir must be an absolute directory path (workers run in directories of their own), "
+                f"got {self.disk_cache_dir!r}"
+            )
+        if self.disk_cache_dir is not None and not self.disk_cache_gb > 0:
+            raise ValueError(f"disk_cache_gb must be > 0 with a disk_cache_dir, got {self.disk_cache_gb!r}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(
                 f"redis_url must start with redis://, rediss:// or unix://, got {redact(self.redis_url)!r}"
             )
         if not 0.0 <= self.audit_fraction <= 1.0:
             raise ValueError(f"audit_fraction must be in [0, 1], got {self.audit_fraction!r}")
-        self.cache_config()  # checks block size, eviction and timings
+        self.cache_config(worker_ids(1)[0])  # checks block size, eviction, timings and the disk tier
         self.engine_config().check()
 
-    def cache_config(self) -> CacheConfig:
+    def cache_config(self, worker_id: str | None = None) -> CacheConfig:
+        """The cache settings of one worker (its own disk directory), or without `worker_id` those
+        every part of the service shares (no disk directory)."""
+        disk_dir = None
+        if self.disk_cache_dir is not None and worker_id is not None:
+            disk_dir = worker_disk_dir(self.disk_cache_dir, self.service, worker_id)
         return CacheConfig.from_gb(
             self.device_cache_gb,
             self.host_cache_gb,
+            self.disk_cache_gb,
+            disk_dir=disk_dir,
             block_size=self.block_size,
             eviction=self.eviction,
             service=self.service,

@@ -209,6 +209,11 @@ class WorkerService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._side_thread, self.engine.pin_prefix, token_ids, cache_salt)
 
+    async def warm(self, prompts: list, cache_salt: str | None = None) -> list[int]:
+        """Pre-warm (`Engine.warm`): compute and pin each prompt's prefix; tokens pinned per prompt."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._side_thread, self.engine.warm, prompts, cache_salt)
+
     async def reset_prefix_cache(self) -> int:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._side_thread, self.engine.reset_prefix_cache)

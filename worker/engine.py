@@ -52,7 +52,7 @@ from cache_store import (
     time_promotion,
     token_blocks,
 )
-from cache_store.counter_names import LeaseField, worker_request_counts
+from cache_store.counter_names import LeaseField, disk_summary, worker_request_counts
 from cache_store.hashing import BlockHash
 from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
@@ -519,6 +519,7 @@ class Engine:
             "device_tier": s.device._asdict(),
             "host_tier": s.host._asdict(),
             "disk_tier": s.disk._asdict(),
+            "disk": disk_summary(s.counters, s.disk.bytes_used, s.disk.bytes_capacity),
             "counters": {**s.counters, **self.counters.snapshot()},
             "costs": self.costs.to_dict(self.block_size),
             "index_connected": bool(self.keeper and self.keeper.connected),

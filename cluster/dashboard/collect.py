@@ -13,9 +13,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from cache_store import MetadataIndex
-from cache_store.counter_names import MISS_REASONS, ROUTER, LeaseField, miss_tokens, parse_tenant_counter
+from cache_store.counter_names import (
+    MISS_REASONS,
+    ROUTER,
+    LeaseField,
+    disk_summary,
+    miss_tokens,
+    parse_tenant_counter,
+)
 from cache_store.index import Lease, entry_generation
-from cache_store.tree import DEVICE, HOST
+from cache_store.tree import DEVICE, DISK, HOST
 from cluster.history import window_rates
 from cluster.stats import ratio, summarize
 
@@ -77,7 +84,15 @@ def _worker_row(worker_id: str, lease: Lease | None, c: Mapping[str, Any], now: 
         "evictions": c.get("evictions", 0),
         "mean_ttft_s": c.get("mean_ttft_s", 0.0),
         "compute_saved_s": c.get("cached_tokens", 0) * us_per_token / 1e6,
-        "tiers": {tier: _tier(fields, tier, block_bytes) for tier in (DEVICE, HOST)},
+        "tiers": {
+            **{tier: _tier(fields, tier, block_bytes) for tier in (DEVICE, HOST)},
+            DISK: _disk_tier(fields),
+        },
+        "disk": disk_summary(
+            c,
+            int(fields.get(LeaseField.DISK_BYTES, 0) or 0),
+            int(fields.get(LeaseField.DISK_CAPACITY_BYTES, 0) or 0),
+        ),
     }
 
 
@@ -89,6 +104,17 @@ def _tier(fields: Mapping[str, str], tier: str, block_bytes: int) -> dict[str, i
         "capacity": capacity,
         "bytes": blocks * block_bytes,
         "capacity_bytes": capacity * block_bytes,
+    }
+
+
+def _disk_tier(fields: Mapping[str, str]) -> dict[str, int]:
+    """The disk tier's occupancy; its bytes are its slots' (headers and padding included), as its
+    files take them on disk. Capacity 0: no disk tier."""
+    return {
+        "blocks": int(fields.get(LeaseField.blocks(DISK), 0) or 0),
+        "capacity": int(fields.get(LeaseField.capacity(DISK), 0) or 0),
+        "bytes": int(fields.get(LeaseField.DISK_BYTES, 0) or 0),
+        "capacity_bytes": int(fields.get(LeaseField.DISK_CAPACITY_BYTES, 0) or 0),
     }
 
 

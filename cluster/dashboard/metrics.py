@@ -11,6 +11,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from cache_store import counter_names as cn
 from cache_store.counter_names import HIT_TIERS, hit_tokens
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -24,6 +25,17 @@ _WORKER_COUNTERS = {
     "evictions": ("evicted_blocks", "Blocks spilled to host or dropped"),
     "audit_checked": ("audit_checked", "Cache hits re-computed without the cache by the audit"),
     "audit_mismatches": ("audit_mismatches", "Audited hits whose logits differed (expected 0)"),
+    cn.DISK_READ_BLOCKS: ("disk_hit_blocks", "Blocks served from the disk tier (checksums good)"),
+    cn.DISK_READ_BYTES: ("disk_read_bytes", "Bytes read by the disk tier"),
+    cn.DISK_WRITE_BYTES: ("disk_write_bytes", "Bytes written by the disk tier"),
+    cn.DISK_WRITES_DROPPED: ("disk_writes_dropped", "Blocks that left memory unwritten (the disk was slow or full)"),
+    cn.DISK_WRITE_ERRORS: ("disk_write_errors", "Disk tier writes the OS refused"),
+    cn.DISK_CORRUPT_SLOTS: ("disk_corrupt_slots", "Disk slots whose checksum failed when read (served as misses)"),
+}
+# Seconds spent in the disk tier's read and write calls: rate(bytes) / rate(seconds) is its bandwidth.
+_DISK_SECONDS = {
+    cn.DISK_READ_US: ("disk_read_seconds", "Time spent in disk tier reads"),
+    cn.DISK_WRITE_US: ("disk_write_seconds", "Time spent in disk tier writes"),
 }
 
 
@@ -60,14 +72,21 @@ def _worker_counters(s: dict[str, Any]):
     saved = CounterMetricFamily(
         "prefixcache_prefill_seconds_saved", "Prefill compute time the cache saved", labels=["worker"]
     )
+    seconds = {
+        k: CounterMetricFamily(f"prefixcache_{name}", text, labels=["worker"])
+        for k, (name, text) in _DISK_SECONDS.items()
+    }
     for w, c in s["per_worker_counters"].items():
         for k, fam in counters.items():
             fam.add_metric([w], c.get(k, 0))
+        for k, fam in seconds.items():
+            fam.add_metric([w], c.get(k, 0) / 1e6)
         for tier in HIT_TIERS:
             cached.add_metric([w, tier], c.get(hit_tokens(tier), 0))
         ttft.add_metric([w], c.get("ttft_us_sum", 0) / 1e6)
         saved.add_metric([w], per_worker.get(w, {}).get("compute_saved_s", 0.0))
     yield from counters.values()
+    yield from seconds.values()
     yield from (cached, ttft, saved)
 
 

@@ -180,6 +180,22 @@ def test_another_model_on_the_same_directory_never_hits_and_reuses_the_slots(tmp
     back.close()
 
 
+def test_salts_apply_on_disk_as_in_every_tier(tmp_path):
+    store = disk_store(tmp_path)
+    for p in range(10):
+        serve(store, prompt(p), salt="tenant-a")
+    assert store.flush_disk()
+    store.close()
+    again = disk_store(tmp_path)
+    assert again.tree.stats().blocks[DISK] == 20
+    assert hit(again, prompt(3)) == 0  # the same tokens without the salt: another chain
+    hashes, blocks = chain(prompt(3), salt="tenant-a")
+    hold = again.acquire(hashes, blocks)
+    assert len(hold) == 2 and hold.disk_hits == 2
+    again.release(hold)
+    again.close()
+
+
 def test_another_format_version_is_ignored(tmp_path):
     store = disk_store(tmp_path)
     fill(store, 1)
@@ -198,6 +214,25 @@ def test_another_format_version_is_ignored(tmp_path):
     assert store.stats().counters.get(cn.DISK_RECOVERED_BLOCKS, 0) == 0  # its child is an orphan then
     assert hit(store, prompt(0)) == 0
     store.close()
+
+
+def test_clear_forgets_unpinned_blocks_on_disk_too_and_a_restart_does_not_bring_them_back(tmp_path):
+    store = disk_store(tmp_path)
+    fill(store, 10)
+    kept_hashes, kept_blocks = chain(prompt(4))
+    assert store.pin_prefix(kept_hashes, kept_blocks) == 2
+    assert store.flush_disk()
+    assert store.clear() == 18
+    assert store.tree.stats().blocks[DISK] == 0 and store.disk.used_count == 2  # the pinned prefix's copies
+    assert all(hit(store, prompt(p)) == 0 for p in range(10) if p != 4) and hit(store, prompt(4)) == 2
+    c = store.stats().counters
+    assert c.get(cn.DISK_WRITES_DROPPED, 0) == 0  # forgetting on purpose is no lost write
+    store.check_invariants()
+    store.close()
+    again = disk_store(tmp_path)
+    assert again.stats().counters[cn.DISK_RECOVERED_BLOCKS] == 2
+    assert hit(again, prompt(4)) == 2 and hit(again, prompt(3)) == 0
+    again.close()
 
 
 def test_the_budget_is_never_exceeded_on_disk(tmp_path):

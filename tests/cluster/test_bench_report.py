@@ -60,3 +60,47 @@ def test_another_command_replaces_its_own_section_below_the_marker_only(tmp_path
     assert text.startswith("# Benchmarks\n\n## Goals\n\nsuite\n\n" + KEEP)
     assert text.split(KEEP)[1] == "\n\n## Scale\n\nnew\n\n## Last\n\nz\n\n## Load\n\nsecond\n"
     assert kept_sections(path) == "\n" + KEEP + text.split(KEEP)[1]  # what a suite run keeps
+
+
+def _disk_results(speedup: float) -> dict:
+    row = {"prefix_tokens": 2048, "recompute": 0.3, "device": 0.01, "host": 0.02, "disk": 0.3 / speedup}
+    costs = {"prefill_s_per_token": 1e-4, "disk_read_s_per_block": 1e-4, "disk_read_overhead_s": 1e-4}
+    model = {
+        "ttft": {
+            "rows": [{**row, "disk_speedup": speedup, "read_gbps": 1.5}],
+            "costs": {**costs, "disk_crossover_blocks": 0.1},
+        },
+        "restart": {"with_disk": {"before": 0.9, "after": 0.88}, "without_disk": {"before": 0.9, "after": 0.5}},
+        "small_tiers": {
+            "small device + host + disk": {
+                "hit_rate": 0.9,
+                "mean_ttft_s": 0.1,
+                "p50_ttft_s": 0.1,
+                "disk_hit_blocks": 5,
+                "disk_writes_dropped": 0,
+            }
+        },
+    }
+    return {
+        "models": {"demo": model},
+        "rounds": 1,
+        "requests": 20,
+        "where": "test",
+        "minutes": 1.0,
+        "date": "d",
+        "command": "c",
+    }
+
+
+def test_the_disk_benchmark_section_is_kept_by_the_suite_and_replaced_by_its_next_run(tmp_path):
+    from cluster.bench.disk import SECTION as DISK
+    from cluster.bench.disk import report, write_section
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(f"# suite\n{KEEP}\n## Cluster scale\nnumbers\n")
+    write_section(path, report(_disk_results(4.0)))
+    assert "4.0x faster than recompute (goal 3x: met)" in path.read_text()
+    write_section(path, report(_disk_results(2.0)))
+    text = path.read_text()
+    assert text.count(DISK) == 1 and "goal 3x: not met" in text and "4.0x" not in text
+    assert "numbers" in kept_sections(path) and DISK in kept_sections(path)

@@ -15,6 +15,8 @@ def test_start_defaults_are_the_service_defaults():
         "routers",
         "device_cache_gb",
         "host_cache_gb",
+        "disk_cache_dir",
+        "disk_cache_gb",
         "block_size",
         "eviction",
         "policy",
@@ -38,3 +40,26 @@ def test_every_registered_routing_policy_is_a_choice():
     parser = build_parser()
     assert [parser.parse_args(["start", "--policy", p]).policy for p in ROUTING_POLICIES] == list(ROUTING_POLICIES)
     assert main(["start", "--policy", "random"]) == 2
+
+
+def test_demo_keeps_its_disk_tier_under_the_users_cache_directory(tmp_path, monkeypatch):
+    from cache_store import default_disk_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    args = build_parser().parse_args(["demo"])
+    assert args.disk_cache_dir == str(default_disk_dir()) and args.disk_cache_dir.startswith(str(tmp_path))
+    assert args.disk_cache_gb > 0 and not args.no_disk_cache
+
+
+def test_each_worker_gets_its_own_disk_directory_and_bad_disk_settings_say_what_to_change(tmp_path):
+    spec = ServiceSpec(service="s1", disk_cache_dir=str(tmp_path), disk_cache_gb=2)
+    dirs = {spec.cache_config(w).disk_dir for w in ("worker-0", "worker-1")}
+    assert dirs == {str(tmp_path / "s1" / "worker-0"), str(tmp_path / "s1" / "worker-1")}
+    assert spec.cache_config("worker-0").disk_bytes == 2 << 30 and spec.cache_config().disk_dir is None
+    assert ServiceSpec().cache_config("worker-0").disk_dir is None  # off unless a directory is given
+    with pytest.raises(ValueError, match="absolute"):
+        ServiceSpec(disk_cache_dir="kv")
+    with pytest.raises(ValueError, match="disk_cache_gb must be > 0"):
+        ServiceSpec(disk_cache_dir=str(tmp_path), disk_cache_gb=0)
+    with pytest.raises(ValueError, match="host-cache-gb"):
+        ServiceSpec(disk_cache_dir=str(tmp_path), host_cache_gb=0)

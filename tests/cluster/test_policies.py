@@ -1,5 +1,13 @@
 from cache_store import Holding
-from cluster.policies import CacheAware, LeastLoaded, Placement, PlacementInput, RoundRobin, make_policy
+from cluster.policies import (
+    CacheAware,
+    LeastLoaded,
+    Placement,
+    PlacementInput,
+    RoundRobin,
+    make_policy,
+    usable_blocks,
+)
 from worker.costs import CostModel
 
 W = ["a", "b", "c"]
@@ -21,6 +29,17 @@ def test_cache_aware_prefers_the_holder():
 def test_device_beats_host_at_equal_length():
     p = CacheAware().place(x([Holding("a", 8, 2, 1), Holding("c", 8, 8, 1)]))
     assert p.worker_id == "c"
+
+
+def test_a_disk_hit_counts_only_where_reading_beats_recomputing():
+    fast = CostModel(prefill_s_per_token=1e-3, disk_read_s_per_block=1e-4, disk_read_overhead_s=1e-4)
+    slow = CostModel(prefill_s_per_token=1e-3, disk_read_s_per_block=1.0)
+    held = [Holding("a", 8, 2, 1, disk_blocks=6), Holding("c", 4, 4, 1)]
+    p = CacheAware().place(x(held, costs={w: fast for w in W}))
+    assert (p.worker_id, p.local_blocks) == ("a", 8)  # reading 6 blocks beats prefilling 96 tokens
+    p = CacheAware().place(x(held, costs={w: slow for w in W}))
+    assert (p.worker_id, p.local_blocks) == ("c", 4)  # a's disk tail would be recomputed: 2 blocks left
+    assert CacheAware().place(x(held[:1], costs={w: slow for w in W})).local_blocks == 2
 
 
 def test_busy_holder_spreads_load_with_a_peer_fetch():
@@ -87,7 +106,7 @@ def scan_every_worker(x):
     policy = CacheAware()
     live = set(x.workers)
     actual = {h.worker_id: h for h in x.holdings if h.worker_id in live and h.blocks > 0}
-    expect = {w: max(actual[w].blocks if w in actual else 0, x.predicted.get(w, 0)) for w in x.workers}
+    expect = {w: max(usable_blocks(x, actual[w]) if w in actual else 0, x.predicted.get(w, 0)) for w in x.workers}
     best = max((h.blocks for h in x.holdings if h.worker_id in live), default=0)
     n = len(x.workers)
     if not any(expect.values()):
@@ -108,7 +127,10 @@ def scan_every_worker(x):
 def random_input(rng, workers, profiles, trial):
     """Random holdings, predictions, loads and counts, drawn from few values so ties are common."""
     holders = rng.sample(workers, rng.randint(0, min(4, len(workers))))
-    held = [Holding(w, rng.randint(0, 10), rng.randint(0, 3), 1) for w in holders]
+    held = []
+    for w in holders:  # some with a disk-only tail after their device and host blocks
+        n, dev = rng.randint(0, 10), rng.randint(0, 3)
+        held.append(Holding(w, n, min(dev, n), 1, rng.choice([0, 0, max(0, n - dev - 1)])))
     if rng.random() < 0.2:
         load = None  # in-flight x service_s
     else:
@@ -148,7 +170,8 @@ def test_placement_is_exactly_a_scan_of_every_worker():
     rounded = [c.rounded() for c in measured]
     assert rounded[0] == rounded[1] and rounded[0] is not rounded[1]  # equal profiles, two objects
     slow_host = CostModel(promote_s_per_block=0.05)  # a holder with blocks on host can cost more than none
-    profiles = [FAST_LINK, CostModel(), slow_host, *measured, *rounded]
+    fast_disk = CostModel(prefill_s_per_token=1e-3, disk_read_s_per_block=1e-4)  # its disk tails count
+    profiles = [FAST_LINK, CostModel(), slow_host, fast_disk, *measured, *rounded]
     for trial in range(1500):
         workers = [f"w{i}" for i in range(rng.choice([1, 3, 40]))]
         x_ = random_input(rng, workers, profiles, trial)

@@ -124,6 +124,24 @@ def test_rayjob_runs_start_and_a_batch_on_that_cluster():
         build_parser().parse_args([a.strip('"') for a in argv])
 
 
+def test_the_disk_tier_directory_is_a_volume_of_the_worker_pods():
+    """`start --disk-cache-dir` names a mounted volume of the GPU workers' pods (not their image's
+    filesystem), and that pod template is a valid Kubernetes pod."""
+    [job] = ray_docs("RayJob")
+    [rc] = ray_docs("RayCluster")
+    start = next(c for c in job["spec"]["entrypoint"].split("&&") if "prefixcache start" in c)
+    from cluster.cli import build_parser
+
+    args = build_parser().parse_args([a.strip('"') for a in start.split()[1:]])
+    assert args.disk_cache_dir and args.disk_cache_gb > 0
+    [group] = rc["spec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+    assert mounts.get(args.disk_cache_dir) in {v["name"] for v in pod["volumes"]}
+    doc = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-worker"}, "spec": pod}
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
 def test_services_and_images_agree_with_the_code():
     by_name = {(d["kind"], d["metadata"]["name"]): d for _, d in all_docs()}
     redis_svc = by_name[("Service", "prefixcache-redis")]

@@ -115,6 +115,14 @@ function tierBar(t, cls) {
     el("div", { class: "bar-label" }, t.capacity ? `${bytes(t.bytes)} / ${bytes(t.capacity_bytes)} · ${num(t.blocks)} blocks` : "off"));
 }
 
+function diskLine(d) {
+  if (!d || !d.bytes_capacity) return "";
+  const gbps = (x) => `${x.toFixed(2)} GB/s`;
+  const text = `${num(d.hits)} hits · read ${gbps(d.read_gbps)} · write ${gbps(d.write_gbps)} · ` +
+    `${num(d.writes_dropped)} dropped writes · ${num(d.corrupt_slots)} corrupt slots`;
+  return el("div", { class: `bar-label${d.corrupt_slots ? " warn" : ""}` }, text);
+}
+
 function renderWorkers(s) {
   const body = $("workers").tBodies[0];
   body.replaceChildren(...s.workers.map((w) => el("tr", { "data-worker": w.worker_id },
@@ -125,6 +133,7 @@ function renderWorkers(s) {
     el("td", { class: "num" }, pct(w.hit_rate)),
     el("td", {}, tierBar(w.tiers.device, "device")),
     el("td", {}, tierBar(w.tiers.host, "host")),
+    el("td", {}, tierBar(w.tiers.disk, "disk"), diskLine(w.disk)),
     el("td", { class: "num" }, num(w.evictions)),
     el("td", { class: "num" }, num(w.queue)))));
   $("workers-empty").hidden = s.workers.length > 0;
