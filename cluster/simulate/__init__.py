@@ -14,4 +14,14 @@ from cluster.simulate.sim import BOUND, POLICY_NAMES, simulate
 from cluster.simulate.timing import TimeModel
 from cluster.simulate.trace import TraceError, TraceRequest, load_trace, open_trace
 
-__all__ = ["BOUND", "POLICY_NAMES", "PolicyResult", "TimeModel", "TraceError", "TraceRequest", "load_trace", "open_trace", "simulate"]
+__all__ = [
+    "BOUND",
+    "POLICY_NAMES",
+    "PolicyResult",
+    "TimeModel",
+    "TraceError",
+    "TraceRequest",
+    "load_trace",
+    "open_trace",
+    "simulate",
+]

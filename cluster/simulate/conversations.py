@@ -55,10 +55,10 @@ class Shape:
     document_tokens: tuple[int, int] = (2_000, 16_000)  # ... of this many tokens, log-uniform
     answer_median: int = 500  # lognormal, sigma 0.8, capped
     answer_max: int = 2_000
-    think_s: float = 30.0  # mean pause between an answer and the next question, exponential
+    think_s: float = 300.0  # mean pause between an answer and the next question, exponential
     decode_s_per_token: float = 0.02  # how long an answer takes to arrive (sets the next turn's time)
     max_context: int = 128_000  # a session ends before its prompt would pass this
-    sessions_per_s: float = 1.6  # new sessions, Poisson
+    sessions_per_s: float = 3.0  # new sessions, Poisson
 
 
 DEFAULT_SHAPE = Shape()
