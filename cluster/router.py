@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import math
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -28,6 +27,7 @@ from cache_store.counter_names import (
     request_counts,
     tenant_counter,
 )
+from cluster.churn import CacheChurn
 from cluster.policies import Placement, PlacementInput, Policy
 from worker.costs import DEFAULT_COSTS, CostModel
 from worker.request import ErrorKind, Problem, Request, prompt_ids_problem
@@ -36,7 +36,6 @@ SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never
 # Write rates (blocks a worker was sent to cache) are compared over this time constant (seconds): long
 # enough to span a conversation's think time between turns, whose blocks a fast-churning cache loses.
 CHURN_TAU_S = 120.0
-CHURN_REFRESH = 16  # placements between full recomputations of the churn prices (one worker's: each)
 
 
 class Plan(NamedTuple):
@@ -110,14 +109,9 @@ class Router:
         self._live: tuple[list[str], list[Sequence[int]]] | None = None  # cached by `_candidates`
         self._profiles: dict[CostModel, CostModel] = {}  # one object per distinct cost profile
         self._default_s: float | None = None  # cached by `_default_service_s`
-        # Cache churn: blocks each worker was sent to write (computed or fetched), decayed with
-        # CHURN_TAU_S, kept scaled by exp((t - _churn_t0) / tau) so adding is one multiply and only
-        # ratios are read; `_churn` is the prices derived from them (`churn_s`).
-        self._written: dict[str, float] = {}
-        self._written_total = 0.0
-        self._churn_t0: float | None = None
-        self._churn: dict[str, float] = {}
-        self._churn_view = MappingProxyType(self._churn)
+        # Blocks each worker was sent to cache, as prices per block written (cluster/churn.py)
+        self.churn = CacheChurn(self._block_s, CHURN_TAU_S)
+        self.churn.set_live(len(self.alive))
         self.clock = time.monotonic  # seconds; replaceable so tests can move time
         self._lock = threading.Lock()
 
@@ -176,11 +170,12 @@ class Router:
                 predicted,
                 load,
                 profiles,
-                self._churn_view if self._churn else None,
+                self.churn if self.churn else None,
             )
             placement = self.policy.place(x)
             w = placement.worker_id
-            self._note_written(w, len(chain) - placement.local_blocks, len(candidates))
+            # every chain block the worker lacks is written there, fetched copies included
+            self.churn.note(w, len(chain) - placement.local_blocks, self.clock())
             self.inflight[w] += 1
             self._note_over(w)
             self._remember(chain, w, holdings)
@@ -235,39 +230,6 @@ class Router:
             # the prefills not yet done, each end - now = prefill_s - (now - placed)
             load[w] = load.get(w, 0.0) + (sum(ends) - len(ends) * now)
         return load
-
-    def _note_written(self, w: str, blocks: int, live: int) -> None:
-        """(Lock held.) `w` was sent to cache `blocks` more blocks (all it lacked of the chain, peer
-        copies included); refresh its churn price, and every worker's each CHURN_REFRESH placements."""
-        now = self.clock()
-        if self._churn_t0 is None or now - self._churn_t0 > 50 * CHURN_TAU_S:  # keep the scale finite
-            k = math.exp((self._churn_t0 - now) / CHURN_TAU_S) if self._churn_t0 is not None else 1.0
-            self._written = {v: n * k for v, n in self._written.items()}
-            self._written_total *= k
-            self._churn_t0 = now
-        if blocks > 0:
-            add = blocks * math.exp((now - self._churn_t0) / CHURN_TAU_S)
-            self._written[w] = self._written.get(w, 0.0) + add
-            self._written_total += add
-        if self._turn % CHURN_REFRESH == 0:
-            self._churn.clear()
-            for v in self._written:
-                self._price_churn(v, live)
-        else:
-            self._price_churn(w, live)
-
-    def _price_churn(self, w: str, live: int) -> None:
-        """(Lock held.) `churn_s[w]`: the recompute of one block times the chance that a block it
-        writes pushes out one still in use, taken as 1 - (the cluster's mean write rate / w's): a
-        worker written no faster than the mean keeps its blocks as long as one shared cache of the
-        cluster would (equal caches assumed), one written k times faster keeps them 1/k as long."""
-        mean = self._written_total / max(1, live)
-        mine = self._written.get(w, 0.0)
-        if w in self.alive and mine > mean > 0:
-            cost = self.costs.get(w, DEFAULT_COSTS)
-            self._churn[w] = cost.prefill_s(self.block_size) * (1.0 - mean / mine)
-        else:
-            self._churn.pop(w, None)
 
     def _add_work(self, plan: Plan, end: float) -> None:
         """(Lock held.) A placed request whose prefill is estimated to end at `end` (clock time)."""
@@ -428,6 +390,10 @@ class Router:
                 prev = self.service_s
                 self.service_s = service_s if prev is None else 0.9 * prev + 0.1 * service_s
 
+    def _block_s(self, worker: str) -> float:
+        """(Lock held.) Seconds `worker` takes to recompute one block."""
+        return self.costs.get(worker, DEFAULT_COSTS).prefill_s(self.block_size)
+
     def _default_service_s(self) -> float:
         """Before any request finished: assume a 512-token prefill (lock held; kept until costs change)."""
         if self._default_s is None:
@@ -440,9 +406,8 @@ class Router:
             if worker in self.alive:
                 self.alive.discard(worker)
                 self._live = None
-                # a dead worker's cache is gone: its writes no longer weigh on the cluster's mean
-                self._written_total -= self._written.pop(worker, 0.0)
-                self._churn.pop(worker, None)
+                self.churn.forget(worker)
+                self.churn.set_live(len(self.alive))
 
     def mark_alive(self, worker: str) -> None:
         """(The health loop calls this for every live worker every beat: a no-op unless it was dead.)"""
@@ -450,6 +415,7 @@ class Router:
             if worker in self.workers and worker not in self.alive:
                 self.alive.add(worker)
                 self._live = None
+                self.churn.set_live(len(self.alive))
 
     def add_worker(self, worker: str) -> None:
         with self._lock:
@@ -457,6 +423,7 @@ class Router:
                 self.workers.append(worker)
             self.alive.add(worker)
             self._live = None
+            self.churn.set_live(len(self.alive))
 
     def set_costs(self, worker: str, costs: CostModel) -> None:
         """Score `worker` with `costs.rounded()` (why: worker/costs.py). Equal profiles are one
