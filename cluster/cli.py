@@ -11,7 +11,7 @@
     prefixcache warm FILE.jsonl --address ADDR   compute and pin these prompts' prefixes before traffic
     prefixcache dashboard --redis-url URL
     prefixcache bench [--quick]
-    prefixcache simulate --trace FILE.jsonl --workers N --capacity-blocks B [--policy NAME|all] [--json]
+    prefixcache simulate --trace FILE.jsonl|conv:SEED:N --workers N --capacity-blocks B [--policy NAME|all] [--json]
     prefixcache demo-model DIR
 
 Exit codes: 0 ok, 1 some requests failed (submit), 2 bad usage or the service could not be reached.
@@ -296,7 +296,12 @@ def _simulate(sub) -> None:
     p = sub.add_parser(
         "simulate", help="replay a request trace through the real router and eviction on simulated workers"
     )
-    p.add_argument("--trace", required=True, help="JSONL in the Mooncake format (timestamp, input_length, hash_ids)")
+    p.add_argument(
+        "--trace",
+        required=True,
+        help="JSONL in the Mooncake format (timestamp, input_length, hash_ids), or conv:SEED:REQUESTS for a "
+        "conversation trace generated from a seed (cluster.simulate.conversations)",
+    )
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--capacity-blocks", type=int, required=True, help="cache blocks (of 512 tokens) per worker")
     # no `choices`: a wrong name is answered with the policies to choose from (cluster.simulate.command)

@@ -59,11 +59,23 @@ class PlacementInput:
     # Positions in `workers` of each cost profile's workers (ascending), when the caller keeps them
     # at hand (the router does); None: the policy splits `workers` itself.
     profiles: Sequence[Sequence[int]] | None = None
+    # Seconds of later recompute each block written on a worker is expected to cost, by pushing out a
+    # block that is still live (Router.churn_s: workers whose cache turns over faster than the
+    # cluster's); absent: 0. A placement writes every chain block its worker does not hold, fetched
+    # copies included, so this prices both a turn moved away from its session and a peer copy.
+    churn_s: Mapping[str, float] | None = None
 
     def queue_s(self, worker: str) -> float:
         if self.load_s is not None:
             return self.load_s.get(worker, 0.0)
         return self.inflight.get(worker, 0) * self.service_s
+
+    def extra_s(self, worker: str, written: int) -> float:
+        """What a placement on `worker` writing `written` blocks adds to its cost estimate: the work
+        queued ahead of it, and the live blocks its writes are expected to evict."""
+        if not self.churn_s or not written:
+            return self.queue_s(worker)
+        return self.queue_s(worker) + self.churn_s.get(worker, 0.0) * written
 
 
 class Placement(NamedTuple):
@@ -134,10 +146,11 @@ class CacheAware:
         top = _top_two(expect)
         best = max((h.blocks for h in x.holdings if h.worker_id in live), default=0)  # _best, without a list scan
         scored = []
+        blocks = len(x.chain)
         for w in expect:
             elsewhere = top[0][0] if top[0][1] != w else top[1][0]
             cost, placement = self._estimate(x, w, actual, expect, elsewhere, best)
-            scored.append((cost + x.queue_s(w), placement))
+            scored.append((cost + x.extra_s(w, blocks - placement.local_blocks), placement))
         for part in _profiles(x):
             order = _rotated(x, part)
             some = next(itertools.filterfalse(expect.__contains__, order), None)
@@ -147,11 +160,12 @@ class CacheAware:
             # worker has, as none of them is in `top`), so the one that can win is found among their
             # queues. Searched among the holders too, which cannot change an idle winner; when a
             # holder wins that search, again without them.
+            # (an idle worker holds nothing: it writes every block of the chain)
             cost, placement = self._estimate(x, some, actual, expect, top[0][0], best)
-            w = _least_queued(x, order, cost)
+            w = _least_queued(x, order, cost, blocks)
             if w in expect:
-                w = _least_queued(x, list(itertools.filterfalse(expect.__contains__, order)), cost)
-            scored.append((cost + x.queue_s(w), placement._replace(worker_id=w)))
+                w = _least_queued(x, list(itertools.filterfalse(expect.__contains__, order)), cost, blocks)
+            scored.append((cost + x.extra_s(w, blocks), placement._replace(worker_id=w)))
         return _cheapest(x, scored)
 
     def _estimate(
@@ -264,11 +278,13 @@ def _rotated(x: PlacementInput, positions: Sequence[int]) -> list[str]:
     return list(map(x.workers.__getitem__, itertools.chain(positions[k:], positions[:k])))
 
 
-def _least_queued(x: PlacementInput, workers: list[str], cost: float) -> str:
-    """Of `workers` (in rotated order), each costing `cost` plus its queue, the one a scan scoring
-    each would pick: least round(cost + queue_s, 9), then in-flight, prefixes, rotated position.
-    Done in C-level passes (map, min, count, filter), as a Python loop scoring each of 1,000
-    workers would be most of a placement."""
+def _least_queued(x: PlacementInput, workers: list[str], cost: float, written: int) -> str:
+    """Of `workers` (in rotated order), each costing `cost` plus `extra_s(w, written)` (its queue and
+    churn), the one a scan scoring each would pick: least round(cost + extra, 9), then in-flight,
+    prefixes, rotated position. Done in C-level passes (map, min, count, filter), as a Python loop
+    scoring each of 1,000 workers would be most of a placement."""
+    if x.churn_s and written:
+        return _least_queued_churned(x, workers, cost, written)
     idle_near = 1e-6 if math.isfinite(cost) else math.inf  # `near` below, when the least queue is 0
     if x.load_s is not None and min(x.load_s.values(), default=math.inf) >= idle_near:
         # Queues absent from load_s are 0 and every one present is too long to tie with 0: the ties
@@ -292,6 +308,23 @@ def _least_queued(x: PlacementInput, workers: list[str], cost: float) -> str:
     else:
         tied = list(itertools.compress(workers, map(operator.eq, queued, itertools.repeat(low))))
     return _fewest(x, tied)
+
+
+def _least_queued_churned(x: PlacementInput, workers: list[str], cost: float, written: int) -> str:
+    """`_least_queued` when some workers' writes are priced: a worker absent from both the load and
+    the churn prices adds nothing, so when any such is among `workers` and every priced one adds
+    more than 1e-6 s (it cannot tie once rounded), the least of those free ones wins; else score."""
+    priced = x.churn_s.keys() | (x.load_s.keys() if x.load_s is not None else ())
+    extra = {w: x.extra_s(w, written) for w in priced}
+    if x.load_s is None:
+        free = []  # in-flight x service_s: every worker is priced by its count
+    else:
+        free = list(itertools.filterfalse(priced.__contains__, workers))
+    if free and min(extra.values(), default=math.inf) >= (1e-6 if math.isfinite(cost) else math.inf):
+        return _fewest(x, free)
+    totals = [round(cost + (extra[w] if w in extra else x.extra_s(w, written)), 9) for w in workers]
+    low = min(totals)
+    return _fewest(x, list(itertools.compress(workers, map(operator.eq, totals, itertools.repeat(low)))))
 
 
 def _fewest(x: PlacementInput, workers: list[str]) -> str:

@@ -27,11 +27,15 @@ from cache_store.counter_names import (
     request_counts,
     tenant_counter,
 )
+from cluster.churn import CacheChurn
 from cluster.policies import Placement, PlacementInput, Policy
 from worker.costs import DEFAULT_COSTS, CostModel
 from worker.request import ErrorKind, Problem, Request, prompt_ids_problem
 
 SEEN_CAPACITY = 200_000  # block hashes remembered to tell "evicted" from "never seen"
+# Write rates (blocks a worker was sent to cache) are compared over this time constant (seconds): long
+# enough to span a conversation's think time between turns, whose blocks a fast-churning cache loses.
+CHURN_TAU_S = 120.0
 
 
 class Plan(NamedTuple):
@@ -105,6 +109,9 @@ class Router:
         self._live: tuple[list[str], list[Sequence[int]]] | None = None  # cached by `_candidates`
         self._profiles: dict[CostModel, CostModel] = {}  # one object per distinct cost profile
         self._default_s: float | None = None  # cached by `_default_service_s`
+        # Blocks each worker was sent to cache, as prices per block written (cluster/churn.py)
+        self.churn = CacheChurn(self._block_s, CHURN_TAU_S)
+        self.churn.set_live(len(self.alive))
         self.clock = time.monotonic  # seconds; replaceable so tests can move time
         self._lock = threading.Lock()
 
@@ -163,9 +170,12 @@ class Router:
                 predicted,
                 load,
                 profiles,
+                self.churn if self.churn else None,
             )
             placement = self.policy.place(x)
             w = placement.worker_id
+            # every chain block the worker lacks is written there, fetched copies included
+            self.churn.note(w, len(chain) - placement.local_blocks, self.clock())
             self.inflight[w] += 1
             self._note_over(w)
             self._remember(chain, w, holdings)
@@ -380,6 +390,10 @@ class Router:
                 prev = self.service_s
                 self.service_s = service_s if prev is None else 0.9 * prev + 0.1 * service_s
 
+    def _block_s(self, worker: str) -> float:
+        """(Lock held.) Seconds `worker` takes to recompute one block."""
+        return self.costs.get(worker, DEFAULT_COSTS).prefill_s(self.block_size)
+
     def _default_service_s(self) -> float:
         """Before any request finished: assume a 512-token prefill (lock held; kept until costs change)."""
         if self._default_s is None:
@@ -392,6 +406,8 @@ class Router:
             if worker in self.alive:
                 self.alive.discard(worker)
                 self._live = None
+                self.churn.forget(worker)
+                self.churn.set_live(len(self.alive))
 
     def mark_alive(self, worker: str) -> None:
         """(The health loop calls this for every live worker every beat: a no-op unless it was dead.)"""
@@ -399,6 +415,7 @@ class Router:
             if worker in self.workers and worker not in self.alive:
                 self.alive.add(worker)
                 self._live = None
+                self.churn.set_live(len(self.alive))
 
     def add_worker(self, worker: str) -> None:
         with self._lock:
@@ -406,6 +423,7 @@ class Router:
                 self.workers.append(worker)
             self.alive.add(worker)
             self._live = None
+            self.churn.set_live(len(self.alive))
 
     def set_costs(self, worker: str, costs: CostModel) -> None:
         """Score `worker` with `costs.rounded()` (why: worker/costs.py). Equal profiles are one

@@ -12,6 +12,16 @@ request in arrival order and serves it at once.
 from cluster.simulate.metrics import PolicyResult
 from cluster.simulate.sim import BOUND, POLICY_NAMES, simulate
 from cluster.simulate.timing import TimeModel
-from cluster.simulate.trace import TraceError, TraceRequest, load_trace
+from cluster.simulate.trace import TraceError, TraceRequest, load_trace, open_trace
 
-__all__ = ["BOUND", "POLICY_NAMES", "PolicyResult", "TimeModel", "TraceError", "TraceRequest", "load_trace", "simulate"]
+__all__ = [
+    "BOUND",
+    "POLICY_NAMES",
+    "PolicyResult",
+    "TimeModel",
+    "TraceError",
+    "TraceRequest",
+    "load_trace",
+    "open_trace",
+    "simulate",
+]

@@ -8,7 +8,7 @@ from dataclasses import replace
 from cluster.simulate.report import table
 from cluster.simulate.sim import POLICY_NAMES, simulate
 from cluster.simulate.timing import TimeModel
-from cluster.simulate.trace import load_trace
+from cluster.simulate.trace import open_trace
 
 _MS_FLAGS = {
     "prefill_ms_per_token": "prefill_s_per_token",
@@ -34,7 +34,7 @@ def policies(name: str) -> list[str]:
 
 def run(args) -> int:
     results = simulate(
-        load_trace(args.trace, limit=args.limit),
+        open_trace(args.trace, limit=args.limit),
         workers=args.workers,
         capacity_blocks=args.capacity_blocks,
         policies=policies(args.policy),

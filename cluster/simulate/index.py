@@ -20,6 +20,7 @@ class SimIndex:
         self._blocks: dict[BlockHash, dict[str, str]] = {}  # hash -> {worker: tier}
         self.stored = 0  # block copies held cluster-wide
         self.holders_calls = 0
+        self.ever: set[BlockHash] = set()  # every block some worker has held (loss accounting)
 
     # ---- what TieredStore writes -------------------------------------------------
 
@@ -32,6 +33,7 @@ class SimIndex:
                 if not entry:
                     del self._blocks[h]
             else:
+                self.ever.add(h)
                 if worker_id not in entry:
                     self.stored += 1
                 entry[worker_id] = tier
@@ -62,6 +64,17 @@ class SimIndex:
             live = now
         out = [Holding(w, n, dev[w], 1) for w, n in run.items()]
         return sorted(out, key=lambda x: (-x.blocks, -x.device_blocks, x.worker_id))
+
+    def longest_run(self, chain: Sequence[BlockHash]) -> int:
+        """The most leading blocks of `chain` any one worker holds (for the simulator's own
+        accounting: not a `holders` call, so `holders_calls` keeps counting the router's only)."""
+        live: set[str] | None = None
+        for i, h in enumerate(chain):
+            entry = self._blocks.get(h)
+            live = set(entry or ()) if live is None else live.intersection(entry or ())
+            if not live:
+                return i
+        return len(chain)
 
     def holder_counts(self, hashes: Iterable[BlockHash]) -> dict[BlockHash, int]:
         """How many workers hold each block (one batched read; absent blocks count 0)."""

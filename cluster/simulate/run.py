@@ -12,14 +12,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 
 from cache_store import CacheConfig
 from cluster.policies import make_policy
 from cluster.router import Plan, Router
 from cluster.simulate.index import SimIndex
-from cluster.simulate.metrics import Outcome, PolicyResult, summarize
+from cluster.simulate.metrics import (
+    LOST_ELSEWHERE,
+    LOST_EVICTED,
+    LOST_IN_FLIGHT,
+    Outcome,
+    PolicyResult,
+    summarize,
+)
 from cluster.simulate.timing import TimeModel
 from cluster.simulate.trace import TRACE_BLOCK_TOKENS, TRACE_NAMESPACE, TraceRequest, block_tokens, chain_of
 from cluster.simulate.worker import SimWorker
@@ -32,16 +39,17 @@ REFRESH_S = CacheConfig().heartbeat_s  # a worker refreshes holder counts with e
 class Prepared:
     """A trace request with its hash chain and block tokens, computed once for every policy run."""
 
-    __slots__ = ("req", "chain", "tokens")
+    __slots__ = ("index", "req", "chain", "tokens")
 
-    def __init__(self, req: TraceRequest):
+    def __init__(self, index: int, req: TraceRequest):
+        self.index = index
         self.req = req
         self.chain = chain_of(req)
         self.tokens = block_tokens(req)
 
 
 def prepare(trace: Sequence[TraceRequest]) -> list[Prepared]:
-    return [Prepared(r) for r in trace]
+    return [Prepared(i, r) for i, r in enumerate(trace)]
 
 
 def make_router(policy: str, workers: list[str], index: SimIndex, time: TimeModel) -> Router:
@@ -92,6 +100,7 @@ class Simulation:
         duplicates_first: bool = True,
         routers: int = 1,
         affinity: str = "prefix",
+        bound_blocks: Sequence[int] | None = None,
     ):
         if affinity not in AFFINITIES:
             raise ValueError(f"unknown router affinity {affinity!r}; choose one of {AFFINITIES}")
@@ -114,6 +123,10 @@ class Simulation:
         self.busy_s: dict[str, float] = dict.fromkeys(ids, 0.0)
         self.outcomes: list[Outcome] = []
         self.duplicate_samples: list[int] = []
+        # Loss accounting against the one-shared-cache run: its cached blocks per request index
+        self.bound_blocks = bound_blocks
+        self.lost: Counter[str] = Counter()
+        self.off_holder = self.off_holder_blocks = 0
         self._events: list = []
         self._seq = itertools.count()
 
@@ -133,7 +146,11 @@ class Simulation:
         router = self.routers[replica_for(p.chain, self._arrivals, len(self.routers), self.affinity)]
         self._arrivals += 1
         plan = router.place(range(p.req.input_tokens), p.chain)
-        w = plan.placement.worker_id
+        pl = plan.placement
+        if pl.peer is None and pl.local_blocks < pl.best_blocks:
+            self.off_holder += 1
+            self.off_holder_blocks += pl.best_blocks - pl.local_blocks
+        w = pl.worker_id
         self.queues[w].append((p, plan, t, router))
         if self.busy_until[w] is None:
             self._start_next(t, w)
@@ -148,6 +165,7 @@ class Simulation:
 
     def _start(self, t: float, w: str, p: Prepared, plan: Plan, arrived: float, router: Router) -> None:
         self.workers[w].refresh_copies(t, REFRESH_S)
+        best = self.index.longest_run(p.chain) if self.bound_blocks is not None else 0
         peer, peer_blocks = None, 0
         if plan.placement.peer is not None:
             holder, n = plan.placement.peer
@@ -162,8 +180,22 @@ class Simulation:
         self._push(t + fetch + prefill, PREFILL, w, p, plan, s)
         busy = fetch + prefill + p.req.output_tokens * self.time.decode_s_per_token
         self._push(t + busy, FINISH, w, plan, busy, router)
-        self.outcomes.append(Outcome(w, p.req.input_tokens, cached, s.local_blocks, s.fetched_blocks, ttft))
+        self.outcomes.append(Outcome(p.index, w, p.req.input_tokens, cached, s.local_blocks, s.fetched_blocks, ttft))
         router.account(plan, cached)
+        if self.bound_blocks is not None:
+            self._count_lost(p, len(s.hold), best)
+
+    def _count_lost(self, p: Prepared, got: int, best: int) -> None:
+        """Why blocks the one shared cache served this request are not served here (see LOSSES);
+        `best`: the most leading blocks any worker held as the request started."""
+        for i in range(got, self.bound_blocks[p.index]):
+            if i < best:
+                reason = LOST_ELSEWHERE
+            elif p.chain[i] in self.index.ever:
+                reason = LOST_EVICTED
+            else:
+                reason = LOST_IN_FLIGHT
+            self.lost[reason] += TRACE_BLOCK_TOKENS
 
     def _prefill_done(self, t: float, w: str, p: Prepared, plan: Plan, s) -> None:
         self.workers[w].finish_prefill(s, p.chain, p.tokens)
@@ -184,7 +216,48 @@ def simulate_policy(
     duplicates_first: bool = True,
     routers: int = 1,
     affinity: str = "prefix",
+    bound_blocks: Sequence[int] | None = None,
 ) -> PolicyResult:
-    sim = Simulation(workers, capacity_blocks, policy, time, eviction, duplicates_first, routers, affinity)
+    return summarize(
+        policy,
+        run_policy(
+            requests,
+            workers,
+            capacity_blocks,
+            policy,
+            time,
+            eviction,
+            duplicates_first,
+            routers,
+            affinity,
+            bound_blocks,
+        ),
+    )
+
+
+def run_policy(
+    requests: Sequence[Prepared],
+    workers: int,
+    capacity_blocks: int,
+    policy: str,
+    time: TimeModel,
+    eviction: str = CacheConfig.eviction,
+    duplicates_first: bool = True,
+    routers: int = 1,
+    affinity: str = "prefix",
+    bound_blocks: Sequence[int] | None = None,
+) -> Simulation:
+    """The finished simulation of one policy (`summarize` reads it)."""
+    sim = Simulation(
+        workers, capacity_blocks, policy, time, eviction, duplicates_first, routers, affinity, bound_blocks
+    )
     sim.run(requests)
-    return summarize(policy, sim)
+    return sim
+
+
+def cached_blocks(sim: Simulation, requests: int) -> list[int]:
+    """Blocks each request (by trace index) was served from cache in `sim`."""
+    out = [0] * requests
+    for o in sim.outcomes:
+        out[o.index] = o.local_blocks + o.fetched_blocks
+    return out

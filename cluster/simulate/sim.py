@@ -7,8 +7,8 @@ from dataclasses import replace
 
 from cache_store import CacheConfig
 from cluster.policies import POLICIES
-from cluster.simulate.metrics import PolicyResult
-from cluster.simulate.run import prepare, simulate_policy
+from cluster.simulate.metrics import PolicyResult, summarize
+from cluster.simulate.run import cached_blocks, prepare, run_policy, simulate_policy
 from cluster.simulate.timing import INSTANT, TimeModel
 from cluster.simulate.trace import TraceRequest
 
@@ -36,11 +36,13 @@ def simulate(
         raise ValueError("workers, capacity_blocks and routers must be >= 1")
     time = time or TimeModel()
     requests = prepare(trace)
-    bound = simulate_policy(requests, 1, workers * capacity_blocks, "round_robin", INSTANT, eviction)
-    results = {BOUND: replace(bound, policy=BOUND, ttft_p50_s=0.0, ttft_p99_s=0.0, load_imbalance=1.0)}
+    bound_sim = run_policy(requests, 1, workers * capacity_blocks, "round_robin", INSTANT, eviction)
+    bound = summarize(BOUND, bound_sim)
+    results = {BOUND: replace(bound, ttft_p50_s=0.0, ttft_p99_s=0.0, load_imbalance=1.0, placements={})}
+    bound_blocks = cached_blocks(bound_sim, len(requests))
     for name in policies:
         results[name] = simulate_policy(
-            requests, workers, capacity_blocks, name, time, eviction, duplicates_first, routers, affinity
+            requests, workers, capacity_blocks, name, time, eviction, duplicates_first, routers, affinity, bound_blocks
         )
     shared = results[BOUND].hit_rate
     return {k: replace(r, vs_shared=r.hit_rate / shared if shared else None) for k, r in results.items()}

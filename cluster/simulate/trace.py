@@ -40,6 +40,18 @@ class TraceError(ValueError):
     """A trace line is not in the Mooncake format; names the line."""
 
 
+def open_trace(spec: str | Path, limit: int | None = None) -> list[TraceRequest]:
+    """The trace `spec` names: a Mooncake-format file, or `conv:SEED:REQUESTS`, a conversation trace
+    generated in code (`cluster.simulate.conversations`)."""
+    from cluster.simulate.conversations import generate, parse_spec  # it builds on this module
+
+    parsed = parse_spec(str(spec))
+    if parsed is None:
+        return load_trace(spec, limit)
+    seed, requests = parsed
+    return generate(seed, requests if limit is None else min(limit, requests))
+
+
 def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
     """Requests in arrival order (a stable sort: equal timestamps keep file order)."""
     out: list[TraceRequest] = []

@@ -1,3 +1,5 @@
+import dataclasses
+
 from cache_store import Holding
 from cluster.policies import (
     CacheAware,
@@ -75,6 +77,21 @@ def test_recomputing_what_another_worker_has_costs_extra():
     assert p.worker_id == "b"
 
 
+def test_a_churning_holder_prices_the_blocks_it_would_write():
+    # b holds the 8-block system prompt; the request adds 2 blocks. Idle, b wins (test above); once
+    # b's cache churns (each block written there is likely to evict a live one), the new session goes
+    # to a worker whose cache keeps its blocks, fetching the prompt, whose copy is priced too.
+    costs = {w: FAST_LINK for w in W}
+    held = [Holding("b", 8, 8, 1)]
+    calm = CacheAware().place(dataclasses.replace(x(held, costs=costs), churn_s={"b": 1e-4}))
+    assert calm.worker_id == "b"  # 2 blocks x 0.1 ms < fetching 8 (1.8 ms)
+    p = CacheAware().place(dataclasses.replace(x(held, costs=costs), churn_s={"b": 0.01}))
+    assert p.worker_id != "b" and p.peer == ("b", 8)
+    # every other worker churns harder than b per block, and writes 10 blocks to b's 2: b again
+    p = CacheAware().place(dataclasses.replace(x(held, costs=costs), churn_s={"a": 0.01, "b": 0.01, "c": 0.01}))
+    assert p.worker_id == "b"
+
+
 def test_fallback_when_index_down_is_sticky_per_prefix():
     policy = CacheAware()
     first = policy.place(x(None))
@@ -101,8 +118,9 @@ def test_make_policy_names():
 
 
 def scan_every_worker(x):
-    """What `CacheAware.place` must pick, by its definition: score every worker, least (cost rounded
-    to 1e-9 s, in-flight, prefixes, position - turn mod n) wins. O(workers^2); tests only."""
+    """What `CacheAware.place` must pick, by its definition: score every worker (its queue, and the
+    churn of the blocks it would write, included), least (cost rounded to 1e-9 s, in-flight,
+    prefixes, position - turn mod n) wins. O(workers^2); tests only."""
     policy = CacheAware()
     live = set(x.workers)
     actual = {h.worker_id: h for h in x.holdings if h.worker_id in live and h.blocks > 0}
@@ -119,7 +137,7 @@ def scan_every_worker(x):
     for i, w in enumerate(x.workers):
         elsewhere = max((b for v, b in expect.items() if v != w), default=0)
         cost, placement = policy._estimate(x, w, actual, expect, elsewhere, best)
-        cost += x.queue_s(w)
+        cost += x.extra_s(w, len(x.chain) - placement.local_blocks)
         scored.append(((round(cost, 9), x.inflight.get(w, 0), x.prefixes.get(w, 0), (i - x.turn) % n), placement))
     return min(scored)[1]
 
@@ -152,6 +170,9 @@ def random_input(rng, workers, profiles, trial):
         trial * 7,
         {w: rng.randint(0, 10) for w in rng.sample(workers, rng.randint(0, min(2, len(workers))))},
         load,
+        None,
+        # churn prices: none, or some workers' (equal ones tie; tiny ones tie once rounded)
+        rng.choice([None, {}, {w: rng.choice([1e-3, 1e-3, 2e-11, 0.02]) for w in workers if rng.random() < 0.4}]),
     )
 
 
@@ -159,7 +180,6 @@ def test_placement_is_exactly_a_scan_of_every_worker():
     """Placement scores holders plus one idle worker per cost profile; on random inputs (several
     profiles, some equal only once rounded, ties in load and counts) it must pick what scoring
     every worker picks, with or without the caller's split by profile."""
-    import dataclasses
     import random
 
     rng = random.Random(5)

@@ -245,3 +245,33 @@ def test_a_placement_whose_caller_went_away_is_finished(index, valkey):
 
     asyncio.run(cancel_mid_place())
     assert not svc.router.inflight and not svc.router._pending
+
+
+def test_new_sessions_on_one_system_prompt_spread_by_cache_churn(index):
+    """Sessions under one shared system prompt, one at a time (no queue anywhere): the prompt's
+    holder is always the cheapest place, so without pricing churn every session piles onto it and,
+    at scale, they evict each other's live turns while other caches sit empty. The router counts the
+    blocks it sends each worker to write and prices them once a worker is written faster than the
+    mean: sessions spread, each other worker fetching the prompt once."""
+    router = make_router(index, workers=("w0", "w1", "w2", "w3"))
+    router.clock = lambda: 100.0  # rates are compared, so a still clock is enough
+    system = "You are a helpful assistant. " * 6  # 10 blocks of 16 bytes
+    ids, chain = router.prepare(Request(system))
+    publish(index, "w0", chain)
+    placed, written = [], {}
+    for i in range(8):
+        ids, chain = router.prepare(Request(system + f"session {i} asks its own question " * 2))
+        plan = router.place(ids, chain)
+        w = plan.placement.worker_id
+        placed.append(w)
+        written[w] = written.get(w, 0) + len(chain) - plan.placement.local_blocks  # copies included
+        publish(index, w, chain)  # as the worker would once its prefill ran
+        router.finished(plan, 0.01)
+    assert placed[0] == "w0"  # the first one: nothing churns yet
+    assert set(placed) == {"w0", "w1", "w2", "w3"}  # then every cache takes its share
+    # balanced by the blocks each cache was given (4 per session on the holder, 10 + 4 elsewhere)
+    assert max(written.values()) <= 1.25 * min(written.values()), written
+    churn = router.churn
+    assert churn and all(0 < v < 16 * 1e-3 for v in churn.values())  # under one block's recompute
+    router.mark_dead("w1")  # a dead worker's writes leave the mean with it
+    assert "w1" not in router.churn
