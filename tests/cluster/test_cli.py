@@ -38,3 +38,10 @@ def test_every_registered_routing_policy_is_a_choice():
     parser = build_parser()
     assert [parser.parse_args(["start", "--policy", p]).policy for p in ROUTING_POLICIES] == list(ROUTING_POLICIES)
     assert main(["start", "--policy", "random"]) == 2
+
+
+def test_bench_peer_is_its_own_run(capsys):
+    assert build_parser().parse_args(["bench", "--peer", "vllm", "--quick"]).peer == "vllm"
+    assert main(["bench", "--peer", "sglang"]) == 2  # not a choice
+    assert main(["bench", "--peer", "vllm", "--only", "service"]) == 2
+    assert "--only picks a part of the suite" in capsys.readouterr().err
