@@ -285,12 +285,18 @@ def vllm_env(py: Path, threads: int, kv_cache_gb: int, preload: bool, log=print)
 # ---- running the sides -------------------------------------------------------------------------
 
 
-def run_side(side: str, plan_path: Path, work: Path, log=print) -> dict:
-    """One side in its own process; its output (logs included) goes to work/logs/SIDE.log."""
+def run_side(side: str, plan_path: Path, work: Path, log=print, resume: bool = False) -> dict:
+    """One side in its own process; its output (logs included) goes to work/logs/SIDE.log and its
+    results to work/result-SIDE.json (`resume` takes that file instead when the plan is unchanged)."""
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    out_path, log_path = work / f"out-{side}.json", work / "logs" / f"{side}.log"
-    out_path.unlink(missing_ok=True)
+    out_path, log_path, kept = work / f"out-{side}.json", work / "logs" / f"{side}.log", work / f"result-{side}.json"
     p = json.loads(plan_path.read_text())
+    if resume and kept.is_file():
+        res = json.loads(kept.read_text())
+        if res.get("plan") == p:
+            log(f"{side}: kept from {kept} (same plan)")
+            return res
+    out_path.unlink(missing_ok=True)
     if side == "ours":
         cmd = [sys.executable, "-m", "cluster.bench.peer_ours", str(plan_path), str(out_path)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -308,11 +314,12 @@ def run_side(side: str, plan_path: Path, work: Path, log=print) -> dict:
     res = json.loads(out_path.read_text())
     res["startup_s"] = res["ready_wall"] - launched  # process start (imports included) to a ready engine
     res["ld_preload"] = env.get("LD_PRELOAD", "")
+    kept.write_text(json.dumps({**res, "plan": p}))
     log(f"{side}: done in {time.time() - launched:.0f} s (start-up {res['startup_s']:.1f} s)")
     return res
 
 
-def run(size: Sizes, work: Path, sides=SIDES, log=print, quick: bool = False) -> dict:
+def run(size: Sizes, work: Path, sides=SIDES, log=print, quick: bool = False, resume: bool = False) -> dict:
     from cluster.bench.suite import machine
     from worker import smollm2
 
@@ -323,7 +330,9 @@ def run(size: Sizes, work: Path, sides=SIDES, log=print, quick: bool = False) ->
     p = plan(size, smollm2.model_dir())
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(p))
-    raw = {side: run_side(side, plan_path, work, log) for side in sides}
+    raw = {side: run_side(side, plan_path, work, log, resume) for side in sides}
+    for res in raw.values():
+        res.pop("plan", None)  # kept beside a side's results for --resume; the plan is summarized below
     out = {
         "quick": quick,
         "sizes": asdict(size),
@@ -447,6 +456,10 @@ def report_lines(out: dict) -> list[str]:
         f"down ({s['gsp_groups']} groups x {s['gsp_prompts']} prompts, {s['gsp_system']}-token system prompt, "
         f"{s['gsp_question']}-token question, {s['gsp_new']} new tokens, all at once, cold).",
         "",
+        "As run: " + "; ".join(f"{names[x]}: {_config(out['raw'][x]['info'])}" for x in sides) + ". A prefix cache "
+        "reuses whole blocks only, so the block size bounds `cached`. vLLM's start-up includes its torch.compile, "
+        "cached under ~/.cache/vllm after its first run.",
+        "",
         "| scenario | engine | out tok/s | TTFT p50 | TTFT p95 | TPOT p50 | TPOT p95 | cached | agreement |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -486,6 +499,12 @@ def report_lines(out: dict) -> list[str]:
         lines += ["", "| goal (issue 19) | measured | met |", "|---|---|---|"]
         lines += [f"| {g} | {v} | {'yes' if ok else '**no**'} |" for g, v, ok in goals(out)]
     return lines + [""]
+
+
+def _config(info: dict) -> str:
+    """What each engine said it runs with (its batching limits and block size)."""
+    keys = ("block_size", "max_running", "max_batch_tokens", "attention", "max_num_seqs", "max_num_batched_tokens")
+    return ", ".join(f"{k} {info[k]}" for k in keys if info.get(k) is not None)
 
 
 def _share(r: dict) -> str:
@@ -549,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=".", help=f"directory for {RESULTS} and BENCHMARKS.md (default: .)")
     p.add_argument("--work", default=".bench", help="vLLM's venv, the plan and the logs (default: .bench)")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep each side's results from an earlier run of the same plan (WORK/result-SIDE.json); run the rest",
+    )
+    p.add_argument(
         "--no-report", action="store_true", help="do not write BENCHMARKS.md (a --quick run never writes it)"
     )
     return p
@@ -562,7 +586,7 @@ def main(argv: list[str] | None = None, log=print) -> dict:
         raise SystemExit(f"{COMMAND}: unknown side(s) {bad}; choose from {', '.join(SIDES)}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    res = run(QUICK if args.quick else Sizes(), Path(args.work), sides, log, quick=args.quick)
+    res = run(QUICK if args.quick else Sizes(), Path(args.work), sides, log, quick=args.quick, resume=args.resume)
     (out_dir / RESULTS).write_text(json.dumps(res))
     lines = report_lines(res)
     log("\n".join(lines))

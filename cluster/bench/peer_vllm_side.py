@@ -27,6 +27,7 @@ def _driver():
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
     spec = importlib.util.spec_from_file_location("peer_driver", HERE / "peer_driver.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["peer_driver"] = mod  # its dataclasses look their module up while being made
     spec.loader.exec_module(mod)
     return mod
 
@@ -83,7 +84,10 @@ def main(plan_path: str, out_path: str) -> None:
     backend = VllmBackend(driver, plan)
     ready = time.time()
     print(f"vLLM {vllm.__version__} ready in {ready - t0:.1f} s; running the plan", flush=True)
-    phases = driver.run_plan(backend, plan, log=lambda m: print(m, flush=True))
+    try:
+        phases = driver.run_plan(backend, plan, log=lambda m: print(m, flush=True))
+    finally:
+        backend.engine.engine_core.shutdown()  # stops the engine-core process it spawned
     config = backend.engine.vllm_config
     info = {
         "engine": f"vLLM {vllm.__version__} (LLMEngine, CPU)",
@@ -101,6 +105,6 @@ if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: peer_vllm_side.py PLAN.json OUT.json")
     main(sys.argv[1], sys.argv[2])
-    # vLLM's engine-core process and its atexit hooks can outlive a plain return; the results are saved
+    # the engine core is shut down and the results saved: do not wait on vLLM's leftover threads
     sys.stdout.flush()
     os._exit(0)
