@@ -305,7 +305,7 @@ def run_side(side: str, plan_path: Path, work: Path, log=print, resume: bool = F
         env = vllm_env(py, p["threads"], p["kv_cache_gb"], preload=side == "vllm", log=log)
         cmd = [str(py), str(Path(__file__).with_name("peer_vllm_side.py")), str(plan_path), str(out_path)]
     log(f"{side}: starting ({' '.join(cmd[:3])} ...; log: {log_path})")
-    launched = time.time()
+    launched, load = time.time(), os.getloadavg()[0]
     with open(log_path, "w") as out:
         r = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, timeout=SIDE_TIMEOUT_S)
     if r.returncode or not out_path.is_file():
@@ -315,6 +315,7 @@ def run_side(side: str, plan_path: Path, work: Path, log=print, resume: bool = F
     res["startup_s"] = res["ready_wall"] - launched  # process start (imports included) to a ready engine
     res["ld_preload"] = env.get("LD_PRELOAD", "")
     res["side_s"] = time.time() - launched  # the side's whole process, start-up included
+    res["load_avg"] = [load, os.getloadavg()[0]]  # 1-minute load at its start and end: was the machine shared?
     kept.write_text(json.dumps({**res, "plan": p}))
     log(f"{side}: done in {time.time() - launched:.0f} s (start-up {res['startup_s']:.1f} s)")
     return res
@@ -436,8 +437,8 @@ def report_lines(out: dict) -> list[str]:
         + ", ".join(f"{names[x]} {out['raw'][x].get('side_s', float('nan')) / 60:.1f} min" for x in sides)
         + " (each side's process, start-up included; raw stamps and tokens in "
         f"`{RESULTS}`). Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, no GPU; load average "
-        f"{m['load_avg_start'][0]:.1f} at the start, {m['load_avg_end'][0]:.1f} at the end (above ~0.2 the machine "
-        "was shared and these numbers are noisy)."
+        f"(1 minute) at each side's start and end: {_loads(out, names)} (on {m['cores']} cores: well above 0.2, the "
+        "machine was shared and these numbers are noisy)."
         + (
             " **A `--quick` run** (a few requests, short prompts, made to check the command end to end): its "
             "timings say little about either engine; the full command's do."
@@ -508,6 +509,15 @@ def report_lines(out: dict) -> list[str]:
         lines += ["", "| goal (issue 19) | measured | met |", "|---|---|---|"]
         lines += [f"| {g} | {v} | {'yes' if ok else '**no**'} |" for g, v, ok in goals(out)]
     return lines + [""]
+
+
+def _loads(out: dict, names: dict) -> str:
+    """Each side's load average at its start and end (the run's own where a side predates that record)."""
+    m = out["machine"]
+    run = [m["load_avg_start"][0], m["load_avg_end"][0]]
+    return ", ".join(
+        f"{names[x]} {a:.1f} to {b:.1f}" for x in out["sides"] for a, b in [out["raw"][x].get("load_avg", run)]
+    )
 
 
 def _config(info: dict) -> str:
