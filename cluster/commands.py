@@ -464,6 +464,13 @@ def dashboard(args) -> int:
 
 
 def bench(args) -> int:
+    if args.peer:
+        if args.only:
+            raise UserError("--only picks a part of the suite; --peer runs the side-by-side instead: drop one")
+        from cluster.bench import peer_vllm
+
+        peer_vllm.main([*(["--quick"] if args.quick else []), "--out", args.out])
+        return EXIT_OK
     from cluster.bench.suite import run_suite
 
     run_suite(quick=args.quick, out_dir=Path(args.out), only=args.only)

@@ -63,3 +63,10 @@ def test_each_worker_gets_its_own_disk_directory_and_bad_disk_settings_say_what_
         ServiceSpec(disk_cache_dir=str(tmp_path), disk_cache_gb=0)
     with pytest.raises(ValueError, match="host-cache-gb"):
         ServiceSpec(disk_cache_dir=str(tmp_path), host_cache_gb=0)
+
+
+def test_bench_peer_is_its_own_run(capsys):
+    assert build_parser().parse_args(["bench", "--peer", "vllm", "--quick"]).peer == "vllm"
+    assert main(["bench", "--peer", "sglang"]) == 2  # not a choice
+    assert main(["bench", "--peer", "vllm", "--only", "service"]) == 2
+    assert "--only picks a part of the suite" in capsys.readouterr().err
