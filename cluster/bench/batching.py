@@ -299,11 +299,11 @@ def _one_mode(mode: str, size: BatchSizes, warmup, work, c: int) -> tuple[list[S
 
 
 def attention_modes(size: BatchSizes) -> dict[str, dict[str, float]]:
-    """Step time of each attention mode (worker.paged_attention) on the same batches: `decode`, one
-    token for each of 16 requests at a system prompt's context; `mixed`, the same plus a prefill
-    chunk. Median of 5 steps; the engine's default is the faster."""
-    from worker.config import ATTENTION_MODES
+    """Step time of each attention backend (worker.paged_attention) usable here on the same batches:
+    `decode`, one token for each of 16 requests at a system prompt's context; `mixed`, the same plus
+    a prefill chunk. Median of 5 steps; the engine's "auto" picks the faster."""
     from worker.engine import Engine
+    from worker.paged_attention import resolve_backend
 
     engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=1.0, host_cache_gb=0, max_running=32)
     seqs = [engine.submit(Request(ids, max_new_tokens=4000)) for ids in prompts(size, "shared", 16, seed=7)]
@@ -312,8 +312,8 @@ def attention_modes(size: BatchSizes) -> dict[str, dict[str, float]]:
     for s in seqs:
         engine.blocks.reserve(s, 1)  # the table covers each request's next token
     out: dict[str, dict[str, float]] = {}
-    for mode in ATTENTION_MODES:
-        engine.runner.mode = mode
+    for mode in sorted({resolve_backend("auto", engine.device), "sdpa"}):
+        engine.runner.backend = mode
         out[mode] = {}
         for shape in ("decode", "mixed"):
             batch = [(s, 1) for s in seqs]
