@@ -21,9 +21,8 @@ from cluster.http.server import start_http
 from cluster.launch import add_workers, start_service, stop_service
 from cluster.raylink import init_ray
 from cluster.service import ServiceSpec, find_router, find_routers, router_for
-from worker.actor import NAMESPACE
-from worker.request import Request, Result, stop_tuple
-from worker.sequence import Chunk
+from worker.names import NAMESPACE
+from worker.request import Chunk, Request, Result, stop_tuple
 
 
 class Cluster:

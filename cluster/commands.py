@@ -32,7 +32,7 @@ def _ray(address: str):
     import ray
 
     from cluster.raylink import init_ray
-    from worker.actor import NAMESPACE
+    from worker.names import NAMESPACE
 
     if ray.is_initialized():  # embedded use (tests, notebooks): reuse the connection
         yield ray

@@ -30,7 +30,7 @@ from cluster.service import (
     worker_ids,
     worker_index,
 )
-from worker.actor import NAMESPACE, WorkerActor, worker_actor_name
+from worker.names import NAMESPACE, worker_actor_name
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ def _start_embedded_redis(spec: ServiceSpec, lifetime):
 
 
 def _start_workers(spec: ServiceSpec, redis_url: str, ids: list[str], lifetime) -> dict:
+    from worker.actor import WorkerActor  # the engine and torch: imported only where workers are made
+
     gpus = spec.gpus_per_worker
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0

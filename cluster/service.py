@@ -21,8 +21,8 @@ import ray
 
 from cache_store import DEVICE_CACHE_GB, DISK_CACHE_GB, HOST_CACHE_GB, CacheConfig, redact, worker_disk_dir
 from cluster.policies import DEFAULT_POLICY, POLICIES
-from worker.actor import NAMESPACE, worker_actor_name
 from worker.config import EngineConfig
+from worker.names import NAMESPACE, worker_actor_name
 
 
 class ServiceError(RuntimeError):

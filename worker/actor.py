@@ -32,18 +32,13 @@ from cache_store.counter_names import LeaseField
 from worker.config import EngineConfig
 from worker.engine import Engine, PeerFetchError, PeerHint
 from worker.models import load_model, resolve_dtype
+from worker.names import NAMESPACE, worker_actor_name
 from worker.ray_metrics import RayMetrics
-from worker.request import ErrorKind, Request, Result
-from worker.sequence import Chunk
+from worker.request import Chunk, ErrorKind, Request, Result
 from worker.transfer import BadTransfer, pack_blocks, unpack_blocks
 
 log = logging.getLogger(__name__)
 COST_REFINES, COST_REFINE_EVERY_S = 3, 3.0  # idle re-timings of a prefill after start-up
-NAMESPACE = "prefixcache"
-
-
-def worker_actor_name(service: str, worker_id: str) -> str:
-    return f"{service}:{worker_id}"
 
 
 class WorkerService:
@@ -98,13 +93,18 @@ class WorkerService:
     ) -> dict:
         """Serve one request (a Request dict); returns a Result dict. Never raises for bad input."""
         result: dict = {}
-        async for item in self.stream(request, token_ids, hint):
-            result = item.get("result", result)
+        async for chunk in self._serve(request, token_ids, hint):
+            if chunk.result is not None:
+                result = chunk.result.to_dict()
         return result
 
     async def stream(self, request: dict, token_ids: list[int] | None = None, hint: tuple[str, int] | None = None):
-        """Serve one request, yielding Chunk dicts as tokens are generated; the last is {"result": ...}.
-        Call with `.options(num_returns="streaming")`."""
+        """Serve one request, yielding `Chunk.to_dict()`s as tokens are generated; the last carries the
+        Result. Call with `.options(num_returns="streaming")`."""
+        async for chunk in self._serve(request, token_ids, hint):
+            yield chunk.to_dict()
+
+    async def _serve(self, request: dict, token_ids: list[int] | None, hint: tuple[str, int] | None):
         arrived = time.perf_counter()
         self._inflight += 1
         seq = None
@@ -112,11 +112,7 @@ class WorkerService:
             try:
                 req = Request.from_dict(request)
             except (TypeError, ValueError) as e:
-                yield {
-                    "result": Result.failed(
-                        f"bad request: {e}", ErrorKind.BAD_REQUEST, worker_id=self.worker_id
-                    ).to_dict()
-                }
+                yield Chunk("", (), Result.failed(f"bad request: {e}", ErrorKind.BAD_REQUEST, worker_id=self.worker_id))
                 return
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Chunk] = asyncio.Queue()
@@ -133,13 +129,13 @@ class WorkerService:
 
             seq = await loop.run_in_executor(self._submit_thread, submit)
             if isinstance(seq, Result):
-                yield {"result": seq.to_dict()}
+                yield Chunk("", (), seq)
                 return
             while True:
                 for chunk in ready_chunks(await queue.get(), queue):
                     if chunk.result is not None:
                         self.metrics.observe(chunk.result)
-                    yield chunk.to_dict()
+                    yield chunk
                     if chunk.result is not None:
                         return
         finally:

@@ -705,6 +705,8 @@ class Engine:
             text = cut_at_stop(text, seq.req.stop) or ""
         seq.result = build_result(seq, text, self.worker_id)
         if reason == "cancelled":
+            error = "cancelled: the caller went away before the answer was complete"
+            seq.result = replace(seq.result, error=error, error_kind=ErrorKind.CANCELLED)
             self.counters.add("cancelled_requests")
         elif seq.store or seq.use_cache:
             self._count(seq)

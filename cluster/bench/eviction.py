@@ -74,7 +74,7 @@ def main() -> None:
     import ray
 
     from cluster.bench.suite import FULL, QUICK
-    from worker.actor import NAMESPACE
+    from worker.names import NAMESPACE
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")

@@ -437,8 +437,7 @@ def report_lines(out: dict) -> list[str]:
         + ", ".join(f"{names[x]} {out['raw'][x].get('side_s', float('nan')) / 60:.1f} min" for x in sides)
         + " (each side's process, start-up included; raw stamps and tokens in "
         f"`{RESULTS}`). Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, no GPU; load average "
-        f"(1 minute) at each side's start and end: {_loads(out, names)} (on {m['cores']} cores: well above 0.2, the "
-        "machine was shared and these numbers are noisy)."
+        f"(1 minute) at each side's start and end: {_loads(out, names)} ({_load_verdict(out, m['cores'])})."
         + (
             " **A `--quick` run** (a few requests, short prompts, made to check the command end to end): its "
             "timings say little about either engine; the full command's do."
@@ -509,6 +508,21 @@ def report_lines(out: dict) -> list[str]:
         lines += ["", "| goal (issue 19) | measured | met |", "|---|---|---|"]
         lines += [f"| {g} | {v} | {'yes' if ok else '**no**'} |" for g, v, ok in goals(out)]
     return lines + [""]
+
+
+# A side's start load above this (per core) means something else ran; the end includes the side's own threads.
+BUSY_START_LOAD_PER_CORE = 0.25
+
+
+def _load_verdict(out: dict, cores: int) -> str:
+    run = [out["machine"]["load_avg_start"][0], out["machine"]["load_avg_end"][0]]
+    starts = [out["raw"][x].get("load_avg", run)[0] for x in out["sides"]]
+    if max(starts) > BUSY_START_LOAD_PER_CORE * cores:
+        return (
+            f"a start above {BUSY_START_LOAD_PER_CORE * cores:.1f} on {cores} cores: something else ran, or the "
+            "previous side's threads still weighed in the 1-minute average; check that nothing else ran"
+        )
+    return "each side started on an idle machine; the end load is the side's own threads"
 
 
 def _loads(out: dict, names: dict) -> str:

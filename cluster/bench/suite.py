@@ -81,7 +81,7 @@ def _run_record(command: str, started: float) -> dict:
 def _service_part(quick: bool, size: Sizes, log) -> dict:
     import ray
 
-    from worker.actor import NAMESPACE
+    from worker.names import NAMESPACE
 
     results: dict = {"sizes": asdict(size), "quick": quick, "machine": machine()}
     threads = torch.get_num_threads()

@@ -59,7 +59,6 @@ from cluster.http.responses import SSE_HEADERS, Responder
 from cluster.http.stream import RouterStream, Usage, sse_events
 from cluster.release import PREFIXCACHE_VERSION
 from cluster.service import find_router, find_routers, router_for
-from worker.models import load_tokenizer
 from worker.request import Request, Result
 
 MAX_ONGOING_REQUESTS = 256  # per replica; Serve's default (5) would queue a chat burst at the proxy
@@ -118,6 +117,8 @@ class Ingress:
         self.model = cfg["spec"]["model"]
         self.fingerprint = cfg["fingerprint"]
         self.max_context = int(cfg["max_context"])
+        from worker.models import load_tokenizer  # transformers (and with it torch): at start, not on import
+
         self.tokenizer = load_tokenizer(self.model)
         self.cluster_metrics = http_metrics.ClusterMetrics(cfg["redis_url"], service)
         self.created = int(time.time())

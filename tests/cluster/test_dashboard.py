@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -184,8 +183,9 @@ def test_empty_and_unreachable_states():
             page.feed(chromium.dom(dash.url, budget_ms=3000))
             assert page.ids["status"] == "no data yet"
             server.kill()
-            time.sleep(0.3)
-            code, body = http_get(dash.url + "api/stats")
+            code, body = wait_for(
+                lambda: (got := http_get(dash.url + "api/stats"))[0] == 503 and got, "the dashboard to see Redis gone"
+            )
             assert code == 503 and json.loads(body)["index_available"] is False
             assert "prefixcache_index_up 0.0" in http_get(dash.url + "metrics")[1]
             page = _Cells()

@@ -13,7 +13,7 @@ from cache_store import CacheConfig, KVShape
 from worker.config import EngineConfig
 from worker.engine import Engine
 from worker.models import load_model
-from worker.request import Request
+from worker.request import ErrorKind, Request
 
 from .reference import ATOL, rand_ids, reference
 
@@ -214,6 +214,17 @@ def test_stream_pieces_add_up_and_an_abandoned_stream_frees_its_blocks(tiny_dirs
     it.close()  # the caller went away
     assert_nothing_held(engine)
     assert engine.counters.snapshot()["cancelled_requests"] == 1
+
+
+def test_a_cancelled_request_fails_with_the_cancelled_kind(tiny_dirs):
+    engine = engine_for("demo", tiny_dirs)
+    seq = engine.submit(Request(rand_ids(40, seed=590), max_new_tokens=50))
+    engine._step()
+    engine.cancel(seq)
+    engine._step()
+    assert seq.done.is_set() and not seq.result.ok
+    assert seq.result.error_kind is ErrorKind.CANCELLED and seq.result.finish_reason == "cancelled"
+    assert_nothing_held(engine)
 
 
 def test_max_running_one_is_one_at_a_time(tiny_dirs):
