@@ -3,7 +3,9 @@
 Moves between tiers:
     insert   new blocks go to device; if the device cannot make room (all
              pinned) they go to host; if neither, they are not cached.
-    spill    device full -> unpinned device leaves (policy order) move to host.
+    spill    device full -> unpinned device leaves (policy order) move to host;
+             when host has no room (all pinned), those with a disk copy move
+             straight to the disk tier.
     demote   host full -> unpinned host blocks with no host child move to the
              disk tier (free when they already have a disk copy, else their
              KV is queued for the disk writer; queue full: not demoted).
@@ -843,7 +845,8 @@ class TieredStore:
         self.counters.add("promoted_blocks", len(host_refs))
 
     def _make_device_room(self, k: int) -> int:
-        """Free device slots (spill, else drop) until k are free or nothing unpinned is left.
+        """Free device slots (spill to host, or to disk where a copy is, else drop) until k are free
+        or nothing unpinned is left.
 
         Repeats because one pass can stall: once the host tier is full, a device block whose
         children were just spilled is neither a spill victim with host room nor a droppable leaf;
@@ -858,9 +861,12 @@ class TieredStore:
     def _evict_device_once(self, k: int) -> None:
         need = k - self.device_pool.free_count
         if need > 0:
-            victims = self.tree.victims(DEVICE, need, spill=True)
+            candidates = self.tree.victims(DEVICE, need, spill=True)
             # victims come children-first, so any prefix of the list is safe to spill
-            victims = victims[: self._make_host_room(len(victims))]
+            room = self._make_host_room(len(candidates))
+            victims, rest = candidates[:room], candidates[room:]
+            if rest and self.disk is not None:  # host all pinned: blocks with a disk copy skip it
+                self._drop(DEVICE, [v for v in rest if self.tree.disk_slot(v.hash) != NO_SLOT])
             if victims:
                 slots = self.host_pool.alloc(len(victims))
                 self.host_pool.write(slots, self.device_pool.read([v.slot for v in victims]))
