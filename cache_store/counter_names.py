@@ -36,6 +36,7 @@ DISK_CORRUPT_SLOTS = "disk_corrupt_slots"  # reads whose header or payload check
 DISK_READ_SKIPPED = "disk_read_skipped_blocks"  # disk hits not read because recomputing was faster
 DISK_RECOVERED_BLOCKS = "disk_recovered_blocks"  # rebuilt from slot headers at start
 DISK_IGNORED_SLOTS = "disk_ignored_slots"  # slots of another model or format, torn or orphaned: reused
+DISK_RESTORED_PINS = "disk_restored_pins"  # operator pins made again at start from the disk tier
 DISK_COUNTERS = (
     DISK_READ_BLOCKS,
     DISK_READ_BYTES,
@@ -49,6 +50,7 @@ DISK_COUNTERS = (
     DISK_READ_SKIPPED,
     DISK_RECOVERED_BLOCKS,
     DISK_IGNORED_SLOTS,
+    DISK_RESTORED_PINS,
 )
 
 
@@ -69,6 +71,7 @@ def disk_summary(counters: Mapping[str, int], bytes_used: int, bytes_capacity: i
         "corrupt_slots": c[DISK_CORRUPT_SLOTS],
         "read_skipped": c[DISK_READ_SKIPPED],
         "recovered_blocks": c[DISK_RECOVERED_BLOCKS],
+        "restored_pins": c[DISK_RESTORED_PINS],
     }
 
 

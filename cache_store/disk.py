@@ -44,7 +44,10 @@ Reads. `read_into` reads a run of consecutive slots with one `preadv` (headers i
 payloads straight into the destination memory, e.g. host-tier slots), then checks each slot.
 
 Recovery. `recover` reads every slot's header (not the payloads) and returns the valid ones of
-this model; the store rebuilds its prefix tree from them and frees the rest.
+this model; the store rebuilds its prefix tree from them and frees the rest. The operator's pins
+(`pin_prefix`) are kept beside the slabs in `pins.json` (each pin's last block hash and count,
+with the tier fingerprint), rewritten whole (write, fsync, rename) when a pin changes; after a
+restart the store pins those prefixes again where their blocks were recovered.
 
 Files are created 0600 (directory 0700), opened with O_NOFOLLOW, only under the given directory.
 No torch import at module level is needed by readers of this docstring; the tier moves torch
@@ -56,6 +59,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import struct
@@ -84,6 +88,7 @@ PAGE = 4096
 SLAB_BYTES = 1 << 30  # a slab file is at most this big: a few files, never one per block
 QUEUE_BYTES = 64 << 20  # payload bytes queued for the writer at most (then writes are dropped)
 LOCK_NAME = "LOCK"
+PINS_NAME = "pins.json"
 PROBE_BLOCKS = 32  # slots timed at start-up (1 and this many) to measure the read cost
 _NO_PARENT = bytes(HASH_BYTES)
 _PROBE_FP = b"prefixcache-probe"[:16]
@@ -565,6 +570,38 @@ class DiskTier:
         digest = xxhash.xxh3_64_intdigest(payload)  # first: a miss costs what a hit costs (the probe times it)
         got = decode_header(self.layout, self.fp, head, slot)
         return got is not None and got[0].hash == want and digest == got[1]
+
+    # ---- pins -------------------------------------------------------------
+
+    def save_pins(self, pins: Sequence[tuple[BlockHash, int]]) -> None:
+        """Replace the saved pins with `pins` ((last block hash, times pinned) each); atomic: a
+        crash leaves the old file or the new one, never a torn one."""
+        doc = {"fingerprint": self.fp.hex(), "pins": [[h.hex(), n] for h, n in pins]}
+        tmp = f"{PINS_NAME}.tmp"
+        fd = self._open(tmp)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(doc).encode(), 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(self.dir / tmp, self.dir / PINS_NAME)
+
+    def load_pins(self) -> list[tuple[BlockHash, int]]:
+        """The pins saved by `save_pins` for this model; [] when none, unreadable, or another model's."""
+        try:
+            fd = os.open(self.dir / PINS_NAME, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return []
+        try:
+            with os.fdopen(fd, "rb") as f:
+                doc = json.loads(f.read())
+            if doc.get("fingerprint") != self.fp.hex():
+                return []
+            return [(BlockHash(bytes.fromhex(h)), int(n)) for h, n in doc["pins"] if int(n) > 0]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("disk cache %s: saved pins ignored (%s)", self.dir, e)
+            return []
 
     # ---- recovery ---------------------------------------------------------
 

@@ -47,6 +47,7 @@ write a request's own slots (held or working) without the lock.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -67,6 +68,7 @@ from cache_store.kv_pool import KVPool, KVShape
 from cache_store.policy import make_policy
 from cache_store.tree import DEVICE, DISK, HOST, NO_SLOT, BlockRef, PrefixTree, Tier
 
+log = logging.getLogger(__name__)
 PUMP_BYTES = 8 << 20  # KV copied out per write-behind batch (under the store lock, on the writer's thread)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
@@ -176,6 +178,7 @@ class TieredStore:
                 self.tree.set_protected_limit(DISK, int(fraction * self.disk.capacity))
             self._recover()
             self.disk.refill = self._pump
+            self._restore_pins()
 
     # ---- index link ----------------------------------------------------
 
@@ -719,6 +722,7 @@ class TieredStore:
             with self._lock:
                 self._user_pins.setdefault(hold.blocks[-1].hash, []).append(hold)
                 self._remember_unsaved(hold.hashes, first=True)  # a pinned prefix goes to disk next
+                self._save_pins()
         return len(hold)
 
     def unpin_prefix(self, hashes: Sequence[BlockHash]) -> BlockHash | None:
@@ -730,8 +734,38 @@ class TieredStore:
                     self.release(holds.pop())
                     if not holds:
                         del self._user_pins[h]
+                    self._save_pins()
                     return h
             return None
+
+    def pinned_prefixes(self) -> list[BlockHash]:
+        """The last block of each prefix `pin_prefix` holds."""
+        with self._lock:
+            return list(self._user_pins)
+
+    def _save_pins(self) -> None:
+        """(Lock held.) Keep the pins with the disk tier, so a restart pins them again."""
+        if self.disk is None:
+            return
+        try:
+            self.disk.save_pins([(h, len(holds)) for h, holds in self._user_pins.items()])
+        except OSError as e:  # the pin holds in memory; only its survival of a restart is lost
+            log.warning("pins not saved to the disk tier (%s): a restart will not pin them again", e)
+
+    def _restore_pins(self) -> None:
+        """Pin again the saved pins whose blocks were recovered (read into memory, as a pin keeps
+        them); a pin whose blocks are gone is forgotten."""
+        for h, times in self.disk.load_pins():
+            if h not in self.tree:
+                continue
+            path = self.tree.path(h)
+            blocks = [self.tree.tokens(x) for x in path]
+            for _ in range(times):
+                if self.pin_prefix(path, blocks) < len(path):
+                    break  # no room in memory for the whole prefix: what fit stays pinned
+        with self._lock:
+            self._save_pins()
+        self.counters.add(cn.DISK_RESTORED_PINS, sum(len(v) for v in self._user_pins.values()))
 
     def clear(self) -> int:
         """Drop every cached block nothing pins, in every tier, disk copies and disk-only blocks

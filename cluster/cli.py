@@ -30,7 +30,7 @@ from cache_store.policy import POLICIES as EVICTION_POLICIES
 from cluster.bench import PARTS as BENCH_PARTS
 from cluster.policies import DEFAULT_POLICY
 from cluster.policies import POLICIES as ROUTING_POLICIES
-from worker.config import DEVICE_DEFAULTS
+from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, EngineConfig
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 DEMO_DISK_GB = 1.0  # the demo's disk tier per worker: enough for its chats, small enough for a laptop
@@ -211,6 +211,13 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help=f"tokens per forward, decodes plus prefill chunks (default: {cpu_tokens} on CPU, {gpu_tokens} on GPU)",
+    )
+    p.add_argument(
+        "--attention",
+        default=EngineConfig.attention,
+        choices=ATTENTION_MODES,
+        help="how each step attends: auto (default) picks the fastest built for the device (cpu_kernel on CPU, "
+        "triton on CUDA); sdpa is the per-request fallback. `Engine.info()` and /v1/workers name what runs",
     )
 
 

@@ -135,7 +135,7 @@ def _start_workers(spec: ServiceSpec, redis_url: str, ids: list[str], lifetime) 
             redis_url=redis_url,
             dtype=spec.dtype,
             audit_fraction=spec.audit_fraction,
-            engine={"max_running": spec.max_running, "max_batch_tokens": spec.max_batch_tokens},
+            engine=asdict(spec.engine_config()),
         )
         for wid in ids
     }

@@ -59,6 +59,7 @@ class ServiceSpec:
     audit_fraction: float = 0.0  # share of cache hits re-computed without the cache and compared
     max_running: int | None = None  # requests per forward on each worker (None: the device's default)
     max_batch_tokens: int | None = None  # tokens per forward on each worker (None: the device's default)
+    attention: str = EngineConfig.attention  # how each worker's steps attend (worker.config.ATTENTION_MODES)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.service):
@@ -108,7 +109,9 @@ class ServiceSpec:
         )
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(max_running=self.max_running, max_batch_tokens=self.max_batch_tokens)
+        return EngineConfig(
+            max_running=self.max_running, max_batch_tokens=self.max_batch_tokens, attention=self.attention
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -160,6 +160,8 @@ class Engine:
                 index, self.store, worker_id, info=self.info(), gauges=self.gauges, counters=self.counters
             )
             self.keeper.start()
+            for last in self.store.pinned_prefixes():  # pins the disk tier brought back
+                self._mark_pinned(last, True)
 
     @classmethod
     def from_pretrained(

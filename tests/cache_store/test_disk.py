@@ -235,6 +235,28 @@ def test_clear_forgets_unpinned_blocks_on_disk_too_and_a_restart_does_not_bring_
     again.close()
 
 
+def test_a_pin_survives_a_restart_and_an_unpin_does_too(tmp_path):
+    store = disk_store(tmp_path)
+    fill(store, 10)
+    hashes, blocks = chain(prompt(4))
+    assert store.pin_prefix(hashes, blocks) == 2 and store.pin_prefix(hashes, blocks) == 2  # pinned twice
+    store.close()
+    again = disk_store(tmp_path)
+    assert again.pinned_prefixes() == [hashes[-1]] and again.stats().counters[cn.DISK_RESTORED_PINS] == 2
+    assert {again.tree.get(h).tier for h in hashes} != {DISK}  # a pin keeps its blocks in memory
+    fill(again, 30)  # far more than memory holds: the pinned prefix stays
+    assert {again.tree.get(h).tier for h in hashes} != {DISK} and hit(again, prompt(4)) == 2
+    again.check_invariants()
+    assert again.unpin_prefix(hashes) == hashes[-1] and again.pinned_prefixes() == [hashes[-1]]  # once left
+    again.close()
+    third = disk_store(tmp_path)  # the unpin was kept too
+    assert third.pinned_prefixes() == [hashes[-1]] and third.stats().counters[cn.DISK_RESTORED_PINS] == 1
+    third.close()
+    other = disk_store(tmp_path, fingerprint="another model")  # its pins, like its slots, are not ours
+    assert other.pinned_prefixes() == [] and cn.DISK_RESTORED_PINS not in other.stats().counters
+    other.close()
+
+
 def test_the_budget_is_never_exceeded_on_disk(tmp_path):
     """The budget holds however far behind the writer is (the first loop races it); with the
     writer caught up after each prompt, the disk keeps the newest prompts in full."""

@@ -21,6 +21,8 @@ def test_start_defaults_are_the_service_defaults():
         "eviction",
         "policy",
         "max_running",
+        "max_batch_tokens",
+        "attention",
     ):
         assert getattr(args, name) == getattr(spec, name), name
 
@@ -34,6 +36,18 @@ def test_every_registered_eviction_policy_is_a_choice(command):
         EVICTION_POLICIES
     )
     assert main([*command, "--eviction", "fifo"]) == 2
+
+
+def test_every_attention_mode_is_a_choice_and_a_bad_one_says_which_are():
+    from cache_store import ConfigError
+    from worker.config import ATTENTION_MODES
+
+    parser = build_parser()
+    assert [parser.parse_args(["start", "--attention", m]).attention for m in ATTENTION_MODES] == list(ATTENTION_MODES)
+    assert main(["start", "--attention", "flash"]) == 2
+    assert ServiceSpec(attention="sdpa").engine_config().attention == "sdpa"
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        ServiceSpec(attention="flash")
 
 
 def test_every_registered_routing_policy_is_a_choice():

@@ -1,7 +1,8 @@
 """The disk tier in a live service: `--disk-cache-dir` reaches the workers (one directory each),
 `warm` pins prompts there, a worker SIGKILLed and restarted by Ray rebuilds its tree from its slot
-headers and publishes those blocks to the index under its new generation, the next request hits
-from disk and is exact, and the dashboard's snapshot and /metrics show the disk tier."""
+headers, pins the warmed prompt again (read back from disk) and publishes those blocks to the index
+under its new generation, the next request hits them and is exact, and the dashboard's snapshot and
+/metrics show the disk tier."""
 
 from __future__ import annotations
 
@@ -69,7 +70,10 @@ def test_warm_restart_publishes_disk_blocks_under_the_new_generation_and_hits(ra
                 return held if held and held[0].generation == after["generation"] else None
 
             [h] = wait_for(published, "the rebuilt blocks in the index under the new generation")
-            assert h.blocks == h.disk_blocks == blocks  # all of them, on disk only
+            assert h.blocks == blocks and h.disk_blocks == 0  # all of them, read back into memory: pinned again
+            restarted = ray.get(handle.stats.remote())
+            assert restarted["counters"][cn.DISK_RESTORED_PINS] == 1
+            assert restarted["device_tier"]["pinned"] + restarted["host_tier"]["pinned"] == blocks
             wait_for(lambda: w in c.config_now()["alive"], "the router to see the worker alive", timeout=30)
             [r] = c.generate([SYSTEM + "after"], max_new_tokens=4)
             assert r.ok and r.token_ids == greedy(SYSTEM + "after", 4)

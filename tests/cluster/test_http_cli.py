@@ -10,9 +10,11 @@ import urllib.error
 import urllib.request
 
 import pytest
+import ray
 
 from cache_store.embedded import free_port
 from tests.cluster.helpers import http_get_json
+from worker.names import NAMESPACE, worker_actor_name
 
 
 def test_cli_start_serves_http_and_stop_removes_it(ray_local, capsys):
@@ -22,12 +24,25 @@ def test_cli_start_serves_http_and_stop_removes_it(ray_local, capsys):
 
     port = free_port()
     args = ["--address", "auto", "--service", "t-cli-http"]
-    start = ["start", *args, "--workers", "1", "--device-cache-gb", "0.02", "--http-port", str(port)]
+    start = [
+        "start",
+        *args,
+        "--workers",
+        "1",
+        "--device-cache-gb",
+        "0.02",
+        "--http-port",
+        str(port),
+        "--attention",
+        "sdpa",
+    ]
     assert cli.main([*start, "--allowed-origins", "http://app.test"]) == 0
     out = capsys.readouterr().out
     assert f"OpenAI-compatible API: http://127.0.0.1:{port}/v1" in out and "bound to 127.0.0.1 only" in out
     try:
         assert http_get_json(f"http://127.0.0.1:{port}/health")[0] == 200
+        worker = ray.get_actor(worker_actor_name("t-cli-http", "worker-0"), namespace=NAMESPACE)
+        assert ray.get(worker.info.remote())["attention"] == "sdpa"  # --attention reached the engine
         assert (
             http_get_json(f"http://127.0.0.1:{port}/v1/models")[1]["data"][0]["id"] == "demo"
         )  # no keys: open locally

@@ -53,12 +53,14 @@ def reads(engine) -> int:
 
 
 def restarted(engine, tmp_path, **kw) -> Engine:
-    """The same directory under a new engine: everything it finds there is on disk only."""
+    """The same directory under a new engine: everything it finds there is on disk only, but for
+    the prefixes a pin brought back (read into memory)."""
     assert engine.store.flush_disk()
     engine.close()
     again = disk_engine(tmp_path, **kw)
     t = again.store.tree.stats().blocks
-    assert t["device"] == t["host"] == 0 and t[DISK] > 0
+    pinned = {h for last in again.store.pinned_prefixes() for h in again.store.tree.path(last)}
+    assert t["device"] + t["host"] == len(pinned) and t[DISK] > 0
     return again
 
 
@@ -149,6 +151,7 @@ def test_warm_pins_prompts_and_they_survive_a_restart(tmp_path):
     assert engine.store.lookup(engine.chain(system), [tuple(system[i : i + 16]) for i in range(0, 80, 16)]) == 5
     engine = restarted(engine, tmp_path, device_blocks=24, host_blocks=4)
     try:
+        assert engine.store.pinned_prefixes() == [engine.chain(system)[4]]  # pinned again
         r = check_run(engine, system + rand_ids(10, seed=25), 80)
         assert r.cached_tokens == 80
     finally:

@@ -76,6 +76,49 @@ def test_a_subset_of_requests_leaves_the_other_rows_alone():
     assert torch.equal(out[3:5], torch.zeros(2, 4, 64))  # request 1's rows: not touched
 
 
+@pytest.mark.parametrize("dim,heads,kv_heads", [(64, 9, 3), (64, 8, 2), (128, 8, 2), (64, 3, 3)])
+def test_a_request_gets_the_same_bits_alone_and_in_any_batch(dim, heads, kv_heads):
+    """Invariant 1 at the kernel: a request's rows do not depend on who shares its step, in which
+    order, or whether its blocks are shared with them (tile height, task order and shared blocks
+    change no row's arithmetic)."""
+    g = torch.Generator().manual_seed(1)
+    pool = torch.randn(120, 2, 2, kv_heads, BS, dim, generator=g)
+    shared = torch.arange(0, 20, dtype=torch.int32)  # a 20-block prefix held by requests 0-3
+    own = [torch.arange(20 + 4 * b, 24 + 4 * b, dtype=torch.int32) for b in range(6)]
+    firsts = [shared, shared, shared, shared[:7], torch.arange(60, 80, dtype=torch.int32), shared]
+    tables = torch.stack(
+        [torch.cat([f, o, torch.full((24 - len(f) - len(o),), -1, dtype=torch.int32)]) for f, o in zip(firsts, own)]
+    )
+    ctxs = [len(f) * BS + n for f, n in zip(firsts, [1, 5, 16, 40, 33, 64])]
+    qlens = [1, 1, 3, 9, 1, 20]  # decodes and chunks (causal rows) side by side
+    q = torch.randn(sum(qlens), heads, dim, generator=g).transpose(0, 1)
+    starts = [sum(qlens[:b]) for b in range(6)]
+
+    def run(order):
+        out = torch.zeros(q.shape[1], heads, dim)
+        i = torch.tensor(order)
+        torch.ops.prefixcache.paged_attention(
+            out,
+            q,
+            pool,
+            1,
+            tables[i].contiguous(),
+            torch.tensor(ctxs, dtype=torch.int32)[i],
+            torch.tensor(starts, dtype=torch.int32)[i],
+            torch.tensor(qlens, dtype=torch.int32)[i],
+            dim**-0.5,
+        )
+        return out
+
+    together, reordered = run(range(6)), run([5, 3, 1, 0, 4, 2])
+    assert torch.equal(together, reordered)
+    for b in range(6):
+        rows = slice(starts[b], starts[b] + qlens[b])
+        assert torch.equal(run([b])[rows], together[rows]), f"request {b}"
+    want = reference(pool, 1, q, tables, torch.tensor(ctxs), torch.tensor(starts), torch.tensor(qlens), dim**-0.5)
+    assert torch.allclose(together, want, atol=2e-5, rtol=0)
+
+
 def test_write_kv_puts_each_token_in_its_slot():
     pool = torch.zeros(8, 2, 2, 3, BS, 64)
     k = torch.randn(5, 3, 64).transpose(0, 1)  # [kv_heads, T, dim], strided

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -67,6 +68,43 @@ inline __m512 exp_neg(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
+// Lane t of the result = the sum of d[t]'s 16 lanes: 16 horizontal sums in 45 shuffles and adds
+// (a transpose-and-add tree) instead of 16 separate reductions.
+inline __m512 hsum16(const __m512* d) {
+  __m512 a[8], b[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [d0 part, d1 part, d0 part, d1 part]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(d[2 * i], d[2 * i + 1]), _mm512_unpackhi_ps(d[2 * i], d[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: keys 4i..4i+3, summed over that lane
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
+// Lane t = q . k[t] for the chunk's keys (head_dim = 16 * NV); lanes from n_keys on are 0 and
+// their keys are not read.
+template <int NV>
+inline __m512 scores(const float* q, const float* k, int n_keys) {
+  __m512 qr[NV], d[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < NV; ++j) qr[j] = _mm512_loadu_ps(q + j * 16);
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) {
+    if (t < n_keys) {
+      const float* kt = k + t * 16 * NV;
+      __m512 x = _mm512_mul_ps(qr[0], _mm512_loadu_ps(kt));
+#pragma GCC unroll 16
+      for (int j = 1; j < NV; ++j) x = _mm512_fmadd_ps(qr[j], _mm512_loadu_ps(kt + j * 16), x);
+      d[t] = x;
+    } else {
+      d[t] = _mm512_setzero_ps();
+    }
+  }
+  return hsum16(d);
+}
+
 // One tile of RT query vectors (float32, head_dim = 16 * NV) against a run of up to 16 keys at a time,
 // with accumulators in registers. `visible[r]` = keys of the current 16-key chunk vector r sees.
 template <int NV, int RT>
@@ -89,30 +127,20 @@ struct Tile {
 
   // keys k, values v: [n_keys, 16 * NV] rows (n_keys <= 16); visible[r] <= n_keys.
   inline void chunk(const float* k, const float* v, int n_keys, const int* visible) {
-    alignas(64) float s[RT][16];
-    for (int t = 0; t < n_keys; ++t) {
-      __m512 kr[NV];
-#pragma GCC unroll 16
-      for (int j = 0; j < NV; ++j) kr[j] = _mm512_loadu_ps(k + t * 16 * NV + j * 16);
+    __m512 sr[RT];
 #pragma GCC unroll 8
-      for (int r = 0; r < RT; ++r) {
-        __m512 d = _mm512_mul_ps(_mm512_loadu_ps(q[r]), kr[0]);
-#pragma GCC unroll 16
-        for (int j = 1; j < NV; ++j) d = _mm512_fmadd_ps(_mm512_loadu_ps(q[r] + j * 16), kr[j], d);
-        s[r][t] = _mm512_reduce_add_ps(d);
-      }
-    }
+    for (int r = 0; r < RT; ++r) sr[r] = scores<NV>(q[r], k, n_keys);
     __m512 p[RT];
 #pragma GCC unroll 8
     for (int r = 0; r < RT; ++r) {
       const __mmask16 live = visible[r] >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << visible[r]) - 1u);
-      const __m512 sv = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, s[r]);
+      const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, sr[r]);
       if (!live) {
         p[r] = _mm512_setzero_ps();
         continue;
       }
       const float m_new = std::max(m[r], _mm512_reduce_max_ps(sv));
-      const float alpha = std::exp(m[r] - m_new);
+      const float alpha = m_new == m[r] ? 1.f : std::exp(m[r] - m_new);  // exp(0) is exactly 1: no libm call
       p[r] = _mm512_maskz_mov_ps(live, exp_neg(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
       l[r] = l[r] * alpha + _mm512_reduce_add_ps(p[r]);
       m[r] = m_new;
@@ -177,6 +205,22 @@ void attend_one_avx512(int64_t b, int64_t g, const float* qv, int64_t ql, int64_
     tile.finish(outs + x0);
   }
 }
+
+using Avx512Task = void (*)(int64_t, int64_t, const float*, int64_t, int64_t, int64_t, const float*, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, const int32_t*, float* const*);
+
+// Tiles as tall as the task's query vectors, up to what the registers hold (RT x NV accumulators):
+// a decode of a 3-head group runs 3-row tiles, not 4-row ones with a wasted row. The tile height
+// never changes a row's arithmetic.
+inline Avx512Task pick_avx512(int64_t D, int64_t R) {
+  if (D == 128) return R >= 2 ? attend_one_avx512<8, 2> : attend_one_avx512<8, 1>;
+  switch (std::min<int64_t>(R, 4)) {
+    case 1: return attend_one_avx512<4, 1>;
+    case 2: return attend_one_avx512<4, 2>;
+    case 3: return attend_one_avx512<4, 3>;
+    default: return attend_one_avx512<4, 4>;
+  }
+}
 #endif
 
 struct Task {
@@ -211,7 +255,7 @@ void attend_one(const Task& t, const at::Tensor& q, const at::Tensor& pool, int6
       std::vector<float*> outs(R);
       for (int64_t r = 0; r < ql; ++r)
         for (int64_t j = 0; j < group; ++j) outs[r * group + j] = out + ((q0 + r) * heads + t.g * group + j) * D;
-      auto run = D == 64 ? attend_one_avx512<4, 4> : attend_one_avx512<8, 2>;
+      const auto run = pick_avx512(D, R);
       run(t.b, t.g, qv.data(), ql, group, ctx, base, s_blk, s_layer, s_kv, s_head, layer, bs, table, outs.data());
       return;
     }
@@ -280,10 +324,15 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& pool
   tasks.reserve(B * kv_heads);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t g = 0; g < kv_heads; ++g) tasks.push_back({b, g});
-  // Largest tasks first, so the threads' last tasks are small (a long prefill beside short decodes).
-  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& c) {
-    return int64_t(qlens[a.b]) * lens[a.b] > int64_t(qlens[c.b]) * lens[c.b];
-  });
+  // Prefill tasks first, largest first, so the threads' last tasks are small (a long prefill beside
+  // short decodes). Then decodes by (kv head, first block): requests sharing a prefix run back to
+  // back on a thread, so its blocks are read from memory once and from cache after. The order of
+  // tasks never changes a row's arithmetic (each task writes only its own rows).
+  auto key = [&](const Task& t) {
+    const int64_t ql = qlens[t.b];
+    return std::make_tuple(ql <= 1, ql > 1 ? -ql * lens[t.b] : 0, t.g, lens[t.b] > 0 ? tables[t.b * max_blocks] : -1);
+  };
+  std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& c) { return key(a) < key(c); });
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pool.scalar_type(), "paged_attention", [&] {
     using pool_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_q", [&] {
