@@ -21,7 +21,7 @@ from cache_store.embedded import EmbeddedRedis
 from cache_store.errors import CacheStoreError, ConfigError, Fenced, IndexAuthError, IndexUnavailable, PoolExhausted
 from cache_store.hashing import BlockHash, block_chain, block_hash, namespace, root_hash, token_blocks
 from cache_store.index import BlockCounts, Holding, MetadataIndex, redact
-from cache_store.policy import LFU, LRU, Priority, make_policy
+from cache_store.policy import LFU, LRU, make_policy
 from cache_store.tree import DEVICE, DISK, HOST, BlockRef, PrefixTree
 
 _NEEDS_TORCH = {
@@ -83,7 +83,6 @@ __all__ = [
     "MetadataIndex",
     "PoolExhausted",
     "PrefixTree",
-    "Priority",
     "StoreStats",
     "TieredStore",
     "block_chain",

@@ -107,17 +107,3 @@ class KVPool:
     def read(self, slots: Sequence[int]) -> torch.Tensor:
         """A copy of the blocks: [n, layers, 2, kv_heads, block_size, head_dim]."""
         return self.data.index_select(0, self._index(slots))
-
-    def gather(self, slots: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (key, value), each [1, kv_heads, n * block_size, head_dim].
-
-        One indexing op: the pool is viewed as [layers, 2, kv_heads, cap,
-        block, head_dim] and indexed on the block axis, which yields a
-        contiguous [layers, 2, kv_heads, n, block, head_dim] that reshapes to
-        per-layer sequences without another copy.
-        """
-        n = len(slots)
-        s = self.shape
-        kv = self.data.permute(1, 2, 3, 0, 4, 5)[:, :, :, self._index(slots)]
-        kv = kv.reshape(s.layers, 2, s.kv_heads, n * s.block_size, s.head_dim)
-        return [(kv[layer, 0].unsqueeze(0), kv[layer, 1].unsqueeze(0)) for layer in range(s.layers)]

@@ -1,7 +1,7 @@
 """Eviction policies. A policy is a sort key: the block with the smallest key goes first.
 
 Keys read only node statistics that the tree maintains (`last_access`, a
-logical clock value; `hits`; `priority`), so a new policy is one small class.
+logical clock value; `hits`; `copies`), so a new policy is one small class.
 Ties are broken by the tree (deeper block first, then hash) so eviction order
 is deterministic.
 """
@@ -14,7 +14,6 @@ from typing import Protocol
 class NodeStats(Protocol):
     last_access: int
     hits: int
-    priority: int
     copies: int  # workers holding the block cluster-wide (1 when unknown)
     protected: bool  # in the tree's protected segment (bounded SLRU bookkeeping)
 
@@ -79,15 +78,6 @@ class LFU:
         return (node.hits, node.last_access)
 
 
-class Priority:
-    """Lowest priority first (set with `TieredStore.set_priority`); LRU within a priority."""
-
-    name = "priority"
-
-    def key(self, node: NodeStats) -> tuple[int, ...]:
-        return (node.priority, node.last_access)
-
-
 class DuplicatesFirst:
     """Blocks that another worker also holds go first, then `base` order among equals.
 
@@ -105,7 +95,7 @@ class DuplicatesFirst:
         return (int(node.copies <= 1), *self.base.key(node))
 
 
-POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, SegmentedLRU, BoundedSLRU, LFU, Priority)}
+POLICIES: dict[str, type] = {cls.name: cls for cls in (LRU, SegmentedLRU, BoundedSLRU, LFU)}
 
 
 def make_policy(name: str, *, duplicates_first: bool = False) -> EvictionPolicy:

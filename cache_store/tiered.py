@@ -71,7 +71,6 @@ from cache_store.tree import DEVICE, DISK, HOST, NO_SLOT, BlockRef, PrefixTree, 
 log = logging.getLogger(__name__)
 PUMP_BYTES = 8 << 20  # KV copied out per write-behind batch (under the store lock, on the writer's thread)
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: [1, kv_heads, seq, head_dim] each
 Adoption = Literal["adopted", "shared", "refused"]
 
 
@@ -360,25 +359,6 @@ class TieredStore:
         """Device blocks a request could still get: free + evictable cached blocks."""
         with self._lock:
             return self.device_pool.free_count + self.tree.stats().evictable[DEVICE]
-
-    def gather(self, hold: Hold, n_tokens: int | None = None) -> KV:
-        """Per-layer (key, value) of the held prefix on the store's device, cut to `n_tokens`."""
-        with self._lock:
-            dev = [b.slot for b in hold.blocks if b.tier == DEVICE]
-            host = [b.slot for b in hold.blocks if b.tier == HOST]
-            if dev and host and hold.blocks[len(dev) - 1].tier != DEVICE:
-                raise AssertionError("tier invariant broken: host block before a device block in a held path")
-            parts = [self.device_pool.gather(dev)] if dev or not host else []
-            if host:
-                parts.append([(k.to(self.device), v.to(self.device)) for k, v in self.host_pool.gather(host)])
-        kv = (
-            parts[0]
-            if len(parts) == 1
-            else [(torch.cat([a[0], b[0]], 2), torch.cat([a[1], b[1]], 2)) for a, b in zip(*parts)]
-        )
-        if n_tokens is not None:
-            kv = [(k[:, :, :n_tokens], v[:, :, :n_tokens]) for k, v in kv]
-        return kv
 
     def insert(
         self,
@@ -791,11 +771,6 @@ class TieredStore:
                 self.disk.erase(sorted(on_disk - kept))
             self._publish()
             return before - len(self.tree)
-
-    def set_priority(self, hashes: Sequence[BlockHash], priority: int) -> None:
-        """Eviction priority of cached blocks (used by the 'priority' policy; higher stays longer)."""
-        with self._lock:
-            self.tree.set_priority([h for h in hashes if h in self.tree], priority)
 
     def stats(self) -> StoreStats:
         with self._lock:

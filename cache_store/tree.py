@@ -69,7 +69,6 @@ class _Node:
         "refs",
         "last_access",
         "hits",
-        "priority",
         "device_children",
         "host_children",
         "disk_slot",
@@ -88,7 +87,6 @@ class _Node:
         self.refs = 0
         self.last_access = clock
         self.hits = 0
-        self.priority = 0
         self.device_children = 0
         self.host_children = 0
         self.disk_slot = NO_SLOT  # a disk copy (or, on the disk tier, the slot itself)
@@ -266,10 +264,6 @@ class PrefixTree:
         while limit is not None and len(seg) > limit:
             h, _ = seg.popitem(last=False)
             self._nodes[h].protected = False
-
-    def set_priority(self, hashes: Iterable[BlockHash], priority: int) -> None:
-        for h in hashes:
-            self._nodes[h].priority = priority
 
     def set_copies(self, counts: Mapping[BlockHash, int]) -> None:
         """Record how many workers hold each block (a batched read of the index; absent hashes are skipped)."""

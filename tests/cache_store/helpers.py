@@ -4,7 +4,7 @@ import torch
 
 from cache_store import CacheConfig, KVShape, TieredStore
 from cache_store.hashing import block_chain, root_hash, token_blocks
-from cache_store.tree import DEVICE
+from cache_store.tree import DEVICE, HOST
 
 SHAPE = KVShape(layers=2, kv_heads=1, block_size=4, head_dim=2, dtype=torch.float32)
 BB = SHAPE.block_bytes
@@ -33,6 +33,19 @@ def expected_layers(hashes):
     kv = kv_for(hashes)  # [n, L, 2, H, B, D]
     n = len(hashes)
     seq = kv.permute(1, 2, 3, 0, 4, 5).reshape(SHAPE.layers, 2, SHAPE.kv_heads, n * SHAPE.block_size, SHAPE.head_dim)
+    return [(seq[layer, 0].unsqueeze(0), seq[layer, 1].unsqueeze(0)) for layer in range(SHAPE.layers)]
+
+
+def gather(store, hold, n_tokens=None):
+    """Per-layer (key, value) of a held prefix, each [1, heads, tokens, dim], read from the pool of
+    each block's tier; a hold is device blocks then host blocks, never the other way round."""
+    tiers = [b.tier for b in hold.blocks]
+    assert tiers == sorted(tiers, key=lambda t: t != DEVICE) and set(tiers) <= {DEVICE, HOST}, tiers
+    pools = {DEVICE: store.device_pool, HOST: store.host_pool}
+    kv = torch.stack([pools[b.tier].read([b.slot])[0].cpu() for b in hold.blocks]) if hold.blocks else kv_for([])
+    n = len(hold.blocks)
+    seq = kv.permute(1, 2, 3, 0, 4, 5).reshape(SHAPE.layers, 2, SHAPE.kv_heads, n * SHAPE.block_size, SHAPE.head_dim)
+    seq = seq[:, :, :, :n_tokens] if n_tokens is not None else seq
     return [(seq[layer, 0].unsqueeze(0), seq[layer, 1].unsqueeze(0)) for layer in range(SHAPE.layers)]
 
 

@@ -23,7 +23,7 @@ from cache_store import counter_names as cn
 from cache_store.disk import HEADER, DiskTier, Layout, WriteItem, byte_view, encode_header, slab_name
 from cache_store.tree import DEVICE, DISK, HOST
 
-from .helpers import BB, SHAPE, chain, expected_layers, kv_for, serve
+from .helpers import BB, SHAPE, chain, expected_layers, gather, kv_for, serve
 
 STRIDE = Layout.of(SHAPE).stride
 
@@ -45,7 +45,7 @@ def prompt(p: int, blocks: int = 2) -> list[int]:
 
 
 def assert_exact(store, hold, hashes):
-    for (k, v), (wk, wv) in zip(store.gather(hold), expected_layers(hashes[: len(hold)])):
+    for (k, v), (wk, wv) in zip(gather(store, hold), expected_layers(hashes[: len(hold)])):
         assert torch.equal(k, wk) and torch.equal(v, wv)
 
 

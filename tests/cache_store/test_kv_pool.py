@@ -3,7 +3,7 @@ import torch
 
 from cache_store import KVPool, PoolExhausted
 
-from .helpers import SHAPE, expected_layers, kv_for
+from .helpers import SHAPE, kv_for
 
 
 def test_capacity_from_byte_budget():
@@ -26,19 +26,14 @@ def test_alloc_free_and_double_free():
     assert pool.used_count == 2
 
 
-def test_write_read_gather_roundtrip():
+def test_write_read_roundtrip():
     pool = KVPool(SHAPE, 6, "cpu")
     hashes = [bytes([i]) * 16 for i in range(4)]
     slots = pool.alloc(4)
     pool.write(slots, kv_for(hashes))
     assert torch.equal(pool.read(slots), kv_for(hashes))
     order = [2, 0, 3]
-    got = pool.gather([slots[i] for i in order])
-    want = expected_layers([hashes[i] for i in order])
-    assert len(got) == SHAPE.layers
-    for (k, v), (wk, wv) in zip(got, want):
-        assert k.shape == (1, SHAPE.kv_heads, 3 * SHAPE.block_size, SHAPE.head_dim)
-        assert torch.equal(k, wk) and torch.equal(v, wv)
+    assert torch.equal(pool.read([slots[i] for i in order]), kv_for([hashes[i] for i in order]))
 
 
 def test_write_rejects_wrong_shape():

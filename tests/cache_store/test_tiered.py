@@ -5,11 +5,11 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from cache_store import DEVICE, HOST, time_promotion
 
-from .helpers import SHAPE, chain, expected_layers, kv_for, make_store, serve
+from .helpers import SHAPE, chain, expected_layers, gather, kv_for, make_store, serve
 
 
 def assert_kv(store, hold, hashes):
-    for (k, v), (wk, wv) in zip(store.gather(hold), expected_layers(hashes)):
+    for (k, v), (wk, wv) in zip(gather(store, hold), expected_layers(hashes)):
         assert torch.equal(k, wk) and torch.equal(v, wv)
 
 
@@ -21,7 +21,7 @@ def test_insert_then_hit_returns_the_same_kv():
     hold = store.acquire(hashes, blocks)
     assert len(hold) == 3 and hold.device_hits == 3 and hold.host_hits == 0
     assert_kv(store, hold, hashes)
-    cut = store.gather(hold, n_tokens=9)
+    cut = gather(store, hold, n_tokens=9)
     assert cut[0][0].shape[2] == 9
     store.release(hold)
     store.check_invariants()
