@@ -30,6 +30,7 @@ from cache_store.policy import POLICIES as EVICTION_POLICIES
 from cluster.bench import PARTS as BENCH_PARTS
 from cluster.policies import DEFAULT_POLICY
 from cluster.policies import POLICIES as ROUTING_POLICIES
+from cluster.release import DASHBOARD_PORT, HTTP_PORT
 from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, EngineConfig
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
@@ -107,8 +108,10 @@ def _demo(sub) -> None:
     p.add_argument(
         "--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, default), demo (random weights) or a dir"
     )
-    p.add_argument("--http-port", type=int, default=8000, help="port of the OpenAI-compatible API (default 8000)")
-    p.add_argument("--port", type=int, default=8080, help="dashboard port (default 8080)")
+    p.add_argument(
+        "--http-port", type=int, default=HTTP_PORT, help=f"port of the OpenAI-compatible API (default {HTTP_PORT})"
+    )
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help=f"dashboard port (default {DASHBOARD_PORT})")
     _disk_args(p, default_dir=str(default_disk_dir()))
     p.add_argument("--no-dashboard", action="store_true")
     p.add_argument(
@@ -281,7 +284,7 @@ def _dashboard(sub) -> None:
     )
     _service_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: local only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help=f"dashboard port (default {DASHBOARD_PORT})")
     p.add_argument(
         "--token",
         default=os.environ.get("PREFIXCACHE_DASHBOARD_TOKEN"),

@@ -18,6 +18,7 @@ from cache_store import DISK_CACHE_GB
 from cluster.client import Cluster
 from cluster.demo_chats import CHATS, QUESTIONS, SYSTEM_PROMPTS
 from cluster.lifecycle import stop_on_sigterm
+from cluster.release import DASHBOARD_PORT, HTTP_PORT
 
 MAX_TOKENS = 48
 SHOW_CHARS = 110  # answers are printed on one line, cut here
@@ -174,9 +175,9 @@ def run_demo(
     *,
     model: str = "smollm2",
     workers: int = 2,
-    http_port: int = 8000,
+    http_port: int = HTTP_PORT,
     dashboard: bool = True,
-    port: int = 8080,
+    port: int = DASHBOARD_PORT,
     wait: bool = True,
     out=sys.stdout,
     disk_cache_dir: str | None = None,

@@ -22,4 +22,5 @@ GCS_PORT = 6379  # Ray head (GCS)
 CLIENT_PORT = 10001  # Ray client: ray://HOST:10001
 RAY_DASHBOARD_PORT = 8265  # Ray dashboard and Jobs API
 REDIS_PORT = 6380  # the index (not 6379: that is the GCS on a head that also runs Redis)
-DASHBOARD_PORT = 8000  # prefixcache dashboard
+DASHBOARD_PORT = 8080  # prefixcache dashboard
+HTTP_PORT = 8000  # the OpenAI-compatible API (Ray Serve's HTTP proxy)

@@ -34,7 +34,7 @@ from cluster.service import ServiceError, ServiceSpec, find_router, redis_name, 
 from cluster.stats import summarize
 from worker.costs import CostModel
 from worker.names import NAMESPACE, worker_actor_name
-from worker.request import Chunk, ErrorKind, Problem, Request, Result
+from worker.request import MAX_TENANT_CHARS, Chunk, ErrorKind, Problem, Request, Result
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
@@ -353,8 +353,8 @@ class RouterService:
 
     def _tenant_problem(self, req: Request, tenant: str | None) -> str | None:
         if tenant is not None:
-            if not isinstance(tenant, str) or not 0 < len(tenant) <= 256:
-                return "tenant must be a non-empty string of at most 256 characters"
+            if not isinstance(tenant, str) or not 0 < len(tenant) <= MAX_TENANT_CHARS:
+                return f"tenant must be a non-empty string of at most {MAX_TENANT_CHARS} characters"
             if req.cache_salt is not None:
                 return "pass either a tenant (the service derives the cache salt from it) or cache_salt, not both"
         elif self.spec.tenant_mode:

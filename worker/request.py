@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 MAX_SALT_CHARS = 256
+MAX_TENANT_CHARS = 256  # a tenant's name (the router derives the tenant's cache salt from it)
 MAX_STOP_STRINGS = 16
 
 

@@ -16,6 +16,7 @@ import uvicorn
 from cache_store import CacheConfig, MetadataIndex, redact
 from cluster.dashboard.app import build_app
 from cluster.dashboard.snapshots import Snapshots
+from cluster.release import DASHBOARD_PORT
 
 START_TIMEOUT_S = 10.0
 
@@ -27,7 +28,7 @@ class DashboardServer:
         *,
         service: str = CacheConfig.service,
         host: str = "127.0.0.1",
-        port: int = 8000,
+        port: int = DASHBOARD_PORT,
         token: str | None = None,
         refresh_s: float = 1.0,
     ):

@@ -16,6 +16,7 @@ import hashlib
 from pathlib import Path
 
 from cluster.http.errors import unauthorized
+from worker.request import MAX_TENANT_CHARS
 
 MIN_KEY_CHARS = 16
 
@@ -45,8 +46,8 @@ def load_keys(path: str | Path) -> dict[str, str]:
         key, tenant = parts
         if len(key) < MIN_KEY_CHARS:
             raise KeyFileError(f"{path}:{n}: key is {len(key)} characters; use at least {MIN_KEY_CHARS}")
-        if len(tenant) > 256:
-            raise KeyFileError(f"{path}:{n}: tenant is longer than 256 characters")
+        if len(tenant) > MAX_TENANT_CHARS:
+            raise KeyFileError(f"{path}:{n}: tenant is longer than {MAX_TENANT_CHARS} characters")
         if digest(key) in table:
             raise KeyFileError(f"{path}:{n}: the same key appears twice")
         table[digest(key)] = tenant
