@@ -195,18 +195,26 @@ class Chunk:
         return cls(d["text"], tuple(d["token_ids"]))
 
 
+NO_TOKENS = "prompt tokenizes to no tokens; send some text"
+
+
+def fits_context(prompt_tokens: int, max_new_tokens: int, max_context: int) -> bool:
+    """The context rule: the prompt and every token it may generate fit the model's context."""
+    return prompt_tokens + max_new_tokens <= max_context
+
+
 def prompt_ids_problem(ids: list[int], max_new_tokens: int, vocab_size: int, max_context: int) -> Problem | None:
     """What is wrong with a tokenized prompt for this model (the router and the engine both ask)."""
     if not ids:
-        return Problem(ErrorKind.BAD_REQUEST, "prompt tokenizes to no tokens; send some text")
+        return Problem(ErrorKind.BAD_REQUEST, NO_TOKENS)
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         return Problem(
             ErrorKind.BAD_REQUEST,
             f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size}); send ids below {vocab_size}",
         )
-    total = len(ids) + max_new_tokens
-    if total > max_context:
+    if not fits_context(len(ids), max_new_tokens, max_context):
+        total = len(ids) + max_new_tokens
         return Problem(
             ErrorKind.CONTEXT_EXCEEDED,
             f"prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}: {total} exceeds the model "

@@ -59,7 +59,7 @@ from cluster.http.responses import SSE_HEADERS, Responder
 from cluster.http.stream import RouterStream, Usage, sse_events
 from cluster.release import PREFIXCACHE_VERSION
 from cluster.service import find_router, find_routers, router_for
-from worker.request import Request, Result
+from worker.request import NO_TOKENS, Request, Result, fits_context
 
 MAX_ONGOING_REQUESTS = 256  # per replica; Serve's default (5) would queue a chat burst at the proxy
 ROUTER_TIMEOUT_S = 5.0
@@ -277,12 +277,12 @@ class Ingress:
     def _request(self, parsed: Parsed, ids: list[int], request_id: str) -> dict[str, Any]:
         """The router's Request for one prompt; context and parameter problems are 400s here."""
         if not ids:
-            raise bad_request("the prompt tokenizes to no tokens; send some text", param="prompt")
+            raise bad_request(NO_TOKENS, param="prompt")
         room = self.max_context - len(ids)
         min_tokens = parsed.params["min_tokens"]
         default = DEFAULT_CHAT_MAX_TOKENS if parsed.chat else DEFAULT_COMPLETION_MAX_TOKENS
         max_tokens = parsed.max_tokens if parsed.max_tokens is not None else min(max(default, min_tokens), room)
-        if max_tokens < 1 or len(ids) + max_tokens > self.max_context:
+        if max_tokens < 1 or not fits_context(len(ids), max_tokens, self.max_context):
             prompt_param = "messages" if parsed.chat else "prompt"
             raise context_exceeded(
                 len(ids), max(max_tokens, 1), self.max_context, parsed.max_tokens_param, prompt_param
