@@ -1,9 +1,10 @@
-"""The counter names in the index, and the string keys built from them.
+"""The names the layers share through the index: counters, tiers, lease fields, key formats.
 
 Workers and the router write counters to Redis; `cluster.stats`, the
 dashboard and the simulator read them back by name. This module is the only
 place that spells those names and key formats, so a writer and a reader can
-never drift apart: build a key here, parse it here.
+never drift apart: build a key here, parse it here. Writers import the
+constants (`tests/test_names.py` fails on a counter written as a literal).
 """
 
 from __future__ import annotations
@@ -14,8 +15,55 @@ from typing import NamedTuple
 # The owner the router's counters are filed under, beside the worker ids.
 ROUTER = "router"
 
-HIT_TIERS = ("device", "host", "peer")  # where a cached prompt token came from
-DROP_TIERS = ("device", "host", "disk")  # a dropped block left this tier for nowhere
+# The cache's tiers (`cache_store.tree.Tier`), and PEER: a cached token fetched from another worker.
+DEVICE = "device"
+HOST = "host"
+DISK = "disk"
+PEER = "peer"
+HIT_TIERS = (DEVICE, HOST, PEER)  # where a cached prompt token came from
+DROP_TIERS = (DEVICE, HOST, DISK)  # a dropped block left this tier for nowhere
+
+# Once per finished request, by its worker and (per tenant, the first four) by the router.
+REQUESTS = "requests"
+HIT_REQUESTS = "hit_requests"  # requests with any cached prompt token
+PROMPT_TOKENS = "prompt_tokens"
+CACHED_TOKENS = "cached_tokens"
+PREFILL_TOKENS = "prefill_tokens"
+GENERATED_TOKENS = "generated_tokens"
+TTFT_US_SUM = "ttft_us_sum"  # integer microseconds: index counters are HINCRBY
+
+# The engine's (worker.engine).
+REJECTED_REQUESTS = "rejected_requests"  # refused at submit: the request or its prompt was bad
+FAILED_REQUESTS = "failed_requests"  # ended by an engine fault
+CANCELLED_REQUESTS = "cancelled_requests"
+PREEMPTIONS = "preemptions"  # running requests sent back to the queue for lack of blocks
+AUDIT_CHECKED = "audit_checked"  # cache hits checked against a fresh prefill of the same prompt
+AUDIT_MISMATCHES = "audit_mismatches"  # of those, KV that did not match: must stay 0
+
+# Peer fetches (worker.peer).
+PEER_FETCHES = "peer_fetches"
+PEER_FETCHED_BLOCKS = "peer_fetched_blocks"
+PEER_FETCH_SKIPPED = "peer_fetch_skipped"  # recomputing was faster than fetching
+PEER_FETCH_FAILURES = "peer_fetch_failures"
+PEER_FETCH_MISMATCHES = "peer_fetch_mismatches"  # the peer's blocks did not match the chain: dropped
+
+# The tiered store's (cache_store.tiered).
+INSERTED_BLOCKS = "inserted_blocks"
+INSERT_SKIPPED_BLOCKS = "insert_skipped_blocks"  # no room in any memory tier
+PROMOTED_BLOCKS = "promoted_blocks"  # host -> device for a hit
+SPILLED_BLOCKS = "spilled_blocks"  # demoted to a lower tier
+EXPORTED_BLOCKS = "exported_blocks"  # read out for a peer
+HASH_COLLISIONS = "hash_collisions"  # same hash, other tokens: never served
+
+# The router's (cluster.router, cluster.router_actor), filed under ROUTER.
+ROUTED = "routed"
+PEER_HINTS = "peer_hints"  # placements that told the worker to fetch from a peer
+COLD_REQUESTS = "cold_requests"  # no prompt token served from cache
+PLACEMENT_INDEX_DOWN = "placement_index_down"  # placed without the index (Redis unreachable)
+REJECTED = "rejected"  # refused by the router: a bad prompt or tenant
+FAILED_NO_WORKER = "failed_no_worker"
+RETRIES = "retries"  # sent again to another worker after its worker died
+WORKER_ERRORS = "worker_errors"
 # Why a prompt block missed (token-weighted `miss_tokens` counters); `Router.account` judges each.
 NEVER_SEEN = "never_seen"
 EVICTED = "evicted"
@@ -82,10 +130,10 @@ _MISS = "miss_tokens_"
 def request_counts(prompt_tokens: int, cached_tokens: int) -> dict[str, int]:
     """What one finished request adds: to its worker's counters, and to its tenant's in the router."""
     return {
-        "requests": 1,
-        "hit_requests": int(cached_tokens > 0),
-        "prompt_tokens": prompt_tokens,
-        "cached_tokens": cached_tokens,
+        REQUESTS: 1,
+        HIT_REQUESTS: int(cached_tokens > 0),
+        PROMPT_TOKENS: prompt_tokens,
+        CACHED_TOKENS: cached_tokens,
     }
 
 
@@ -96,9 +144,9 @@ def worker_request_counts(
     return {
         **request_counts(prompt_tokens, cached_tokens),
         **{hit_tokens(t): by_tier[t] for t in HIT_TIERS},
-        "prefill_tokens": prompt_tokens - cached_tokens,
-        "generated_tokens": generated_tokens,
-        "ttft_us_sum": int(ttft_s * 1e6),  # integer microseconds: index counters are HINCRBY
+        PREFILL_TOKENS: prompt_tokens - cached_tokens,
+        GENERATED_TOKENS: generated_tokens,
+        TTFT_US_SUM: int(ttft_s * 1e6),
     }
 
 
@@ -108,6 +156,11 @@ def hit_tokens(tier: str) -> str:
 
 def dropped_blocks(tier: str) -> str:
     return f"dropped_blocks_{tier}"
+
+
+def placements(reason: str) -> str:
+    """The router's count of placements made for one reason (`cluster.policies.Placement.reason`)."""
+    return f"placement_{reason}"
 
 
 def miss_tokens(reason: str) -> str:
@@ -155,16 +208,16 @@ REQUEST_COUNTERS = tuple(request_counts(0, 0))
 # Worker counters that `cluster.stats` totals across workers (every one monotonic).
 SUMMED = (
     *worker_request_counts(0, 0, dict.fromkeys(HIT_TIERS, 0), 0, 0.0),
-    "rejected_requests",
-    "spilled_blocks",
+    REJECTED_REQUESTS,
+    SPILLED_BLOCKS,
     *(dropped_blocks(t) for t in DROP_TIERS),
-    "promoted_blocks",
-    "inserted_blocks",
-    "peer_fetches",
-    "peer_fetch_failures",
-    "peer_fetched_blocks",
-    "audit_checked",
-    "audit_mismatches",
+    PROMOTED_BLOCKS,
+    INSERTED_BLOCKS,
+    PEER_FETCHES,
+    PEER_FETCH_FAILURES,
+    PEER_FETCHED_BLOCKS,
+    AUDIT_CHECKED,
+    AUDIT_MISMATCHES,
     *DISK_COUNTERS,
 )
 
@@ -173,6 +226,7 @@ class LeaseField:
     """Fields of a worker's lease hash that the dashboard reads: the worker writes them (its engine's
     info and gauges, its actor's queue), the dashboard parses them; neither spells them itself."""
 
+    HEARTBEAT = "hb"  # the lease's last heartbeat, unix seconds (written by the heartbeat script)
     DEVICE = "device"
     BLOCK_BYTES = "block_bytes"
     PREFILL_US_PER_TOKEN = "prefill_us_per_token"

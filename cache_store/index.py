@@ -48,13 +48,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from cache_store.config import CacheConfig
-from cache_store.counter_names import PrefixKey
+from cache_store.counter_names import DEVICE, DISK, HOST, LeaseField, PrefixKey
 from cache_store.errors import Fenced, IndexAuthError, IndexUnavailable
 from cache_store.hashing import BlockHash
 
 T = TypeVar("T")
 Op = Literal["add", "move", "remove"]
-TIER_CODE = {"device": "d", "host": "h", "disk": "k"}
+TIER_CODE = {DEVICE: "d", HOST: "h", DISK: "k"}
 _PURGE_CHUNK = 1000
 
 # KEYS: block keys of a chain, in order. ARGV[1]: lease key prefix.
@@ -389,7 +389,13 @@ class MetadataIndex:
 
         Raises Fenced if a newer generation of this id registered since.
         """
-        args: list[object] = [worker_id, generation, int(self.config.lease_ttl_s * 1000), "hb", f"{time.time():.3f}"]
+        args: list[object] = [
+            worker_id,
+            generation,
+            int(self.config.lease_ttl_s * 1000),
+            LeaseField.HEARTBEAT,
+            f"{time.time():.3f}",
+        ]
         for k, v in fields.items():
             args += [k, str(v)]
         keys = [self._k("lease", worker_id), self._k("gen", worker_id), self._k("workers")]

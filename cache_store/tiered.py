@@ -58,7 +58,15 @@ import torch
 
 from cache_store import counter_names as cn
 from cache_store.config import CacheConfig
-from cache_store.counter_names import dropped_blocks
+from cache_store.counter_names import (
+    EXPORTED_BLOCKS,
+    HASH_COLLISIONS,
+    INSERT_SKIPPED_BLOCKS,
+    INSERTED_BLOCKS,
+    PROMOTED_BLOCKS,
+    SPILLED_BLOCKS,
+    dropped_blocks,
+)
 from cache_store.counters import Counters
 from cache_store.disk import DiskTier, WriteItem, byte_view
 from cache_store.errors import ConfigError, IndexUnavailable
@@ -341,7 +349,7 @@ class TieredStore:
                 self.tree.insert(parent, h, tokens, DEVICE, slot)
                 self._events.append(("add", h, DEVICE))
                 self._remember_unsaved([h])
-                self.counters.add("inserted_blocks")
+                self.counters.add(INSERTED_BLOCKS)
             self.tree.pin([h])
             self._working -= 1
             self._publish()
@@ -376,7 +384,7 @@ class TieredStore:
             start, prev = 0, parent
             while start < len(hashes) and hashes[start] in self.tree:
                 if self.tree.tokens(hashes[start]) != tuple(blocks[start]):
-                    self.counters.add("hash_collisions")
+                    self.counters.add(HASH_COLLISIONS)
                     return start
                 prev, start = hashes[start], start + 1
             if start == len(hashes):
@@ -412,7 +420,7 @@ class TieredStore:
                 idx = [i for i, r in enumerate(refs) if r.tier == tier]
                 if idx:
                     kv[idx] = pool.read([refs[i].slot for i in idx]).cpu()
-            self.counters.add("exported_blocks", len(refs))
+            self.counters.add(EXPORTED_BLOCKS, len(refs))
             # a peer is about to hold these too: until the next refresh says otherwise, they are copies
             self.tree.set_copies({r.hash: 2 for r in refs})
             return Exported([r.hash for r in refs], [self.tree.tokens(r.hash) for r in refs], kv)
@@ -617,7 +625,7 @@ class TieredStore:
             self.tree.move(v.hash, DISK, self.tree.disk_slot(v.hash))
             self.host_pool.free([v.slot])
             self._events.append(("move", v.hash, DISK))
-            self.counters.add("spilled_blocks")
+            self.counters.add(SPILLED_BLOCKS)
 
     def _make_disk_room(self, k: int) -> int:
         """(Lock held.) Free disk slots (disk copies, then disk leaves, in policy order) until k are
@@ -834,8 +842,8 @@ class TieredStore:
                 self._events.append(("add", hashes[i], tier))
                 parent = hashes[i]
             self._remember_unsaved(hashes[lo:hi])
-        self.counters.add("inserted_blocks", n_dev + n_host)
-        self.counters.add("insert_skipped_blocks", k - n_dev - n_host)
+        self.counters.add(INSERTED_BLOCKS, n_dev + n_host)
+        self.counters.add(INSERT_SKIPPED_BLOCKS, k - n_dev - n_host)
         return n_dev + n_host
 
     def _promote(self, host_refs: list[BlockRef]) -> None:
@@ -851,7 +859,7 @@ class TieredStore:
         for ref, slot in zip(host_refs, slots):
             self.tree.move(ref.hash, DEVICE, slot)
             self._events.append(("move", ref.hash, DEVICE))
-        self.counters.add("promoted_blocks", len(host_refs))
+        self.counters.add(PROMOTED_BLOCKS, len(host_refs))
 
     def _make_device_room(self, k: int) -> int:
         """Free device slots (spill to host, or to disk where a copy is, else drop) until k are free
@@ -883,7 +891,7 @@ class TieredStore:
                 for v, slot in zip(victims, slots):
                     self.tree.move(v.hash, HOST, slot)
                     self._events.append(("move", v.hash, HOST))
-                self.counters.add("spilled_blocks", len(victims))
+                self.counters.add(SPILLED_BLOCKS, len(victims))
         need = k - self.device_pool.free_count
         if need > 0:
             self._drop(DEVICE, self.tree.victims(DEVICE, need, spill=False))
@@ -917,7 +925,7 @@ class TieredStore:
             gone.append(v.slot)
         (self.device_pool if tier == DEVICE else self.host_pool).free(gone)
         self.counters.add(dropped_blocks(tier), len(gone) - to_disk)
-        self.counters.add("spilled_blocks", to_disk)
+        self.counters.add(SPILLED_BLOCKS, to_disk)
         if self.disk is not None and lost_writes:  # the writer was behind (or the disk all pinned)
             self.counters.add(cn.DISK_WRITES_DROPPED, len(gone) - to_disk)
 

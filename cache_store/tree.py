@@ -30,16 +30,15 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
+from cache_store.counter_names import DEVICE, DISK, HOST
 from cache_store.hashing import BlockHash
 from cache_store.policy import EvictionPolicy
 
-Tier = Literal["device", "host", "disk"]
-DEVICE: Tier = "device"
-HOST: Tier = "host"
-DISK: Tier = "disk"
+Tier = Literal["device", "host", "disk"]  # the names are counter_names' (checked below)
 TIERS: tuple[Tier, ...] = (DEVICE, HOST, DISK)
+assert get_args(Tier) == TIERS, "cache_store.tree.Tier must list counter_names' tiers, in rank order"
 _RANK = {DEVICE: 0, HOST: 1, DISK: 2}  # a child's rank is never below its parent's
 NO_SLOT = -1
 

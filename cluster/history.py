@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from cache_store import MetadataIndex
-from cache_store.counter_names import REQUEST_COUNTERS
+from cache_store.counter_names import CACHED_TOKENS, HIT_REQUESTS, PROMPT_TOKENS, REQUEST_COUNTERS, REQUESTS
 from cluster.stats import ratio, summarize
 
 
@@ -37,9 +37,9 @@ def window_rates(samples: list[dict[str, float]]) -> list[dict[str, float | None
         out.append(
             {
                 "t": cur["t"],
-                "hit_rate": ratio(d["cached_tokens"], d["prompt_tokens"]) if d["prompt_tokens"] else None,
-                "request_hit_rate": ratio(d["hit_requests"], d["requests"]) if d["requests"] else None,
-                "requests": d["requests"],
+                "hit_rate": ratio(d[CACHED_TOKENS], d[PROMPT_TOKENS]) if d[PROMPT_TOKENS] else None,
+                "request_hit_rate": ratio(d[HIT_REQUESTS], d[REQUESTS]) if d[REQUESTS] else None,
+                "requests": d[REQUESTS],
             }
         )
     return out

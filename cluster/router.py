@@ -19,11 +19,16 @@ from typing import NamedTuple
 
 from cache_store import BlockHash, Counters, Holding, IndexUnavailable, MetadataIndex, block_chain, root_hash
 from cache_store.counter_names import (
+    COLD_REQUESTS,
     EVICTED,
     HELD_ELSEWHERE,
     NEVER_SEEN,
+    PEER_HINTS,
+    PLACEMENT_INDEX_DOWN,
+    ROUTED,
     PrefixKey,
     miss_tokens,
+    placements,
     request_counts,
     tenant_counter,
 )
@@ -146,7 +151,7 @@ class Router:
             try:
                 holdings = self.index.holders(chain)
             except IndexUnavailable:
-                self.counters.add("placement_index_down")
+                self.counters.add(PLACEMENT_INDEX_DOWN)
         with self._lock:
             candidates, profiles = self._candidates(excluded)
             if not candidates:
@@ -181,10 +186,10 @@ class Router:
             self._remember(chain, w, holdings)
             plan = Plan(ids, chain, placement, holdings)
             self._add_work(plan, self.clock() + self._prefill_s(plan))
-        self.counters.add("routed")
-        self.counters.add(f"placement_{placement.reason}")
+        self.counters.add(ROUTED)
+        self.counters.add(placements(placement.reason))
         if placement.peer is not None:
-            self.counters.add("peer_hints")
+            self.counters.add(PEER_HINTS)
         return plan
 
     def _candidates(self, excluded: set[str]) -> tuple[list[str], list[Sequence[int]] | None]:
@@ -352,7 +357,7 @@ class Router:
                     reasons[NEVER_SEEN] += bs
         self.counters.add_many({miss_tokens(k): v for k, v in reasons.items()})
         if cached_tokens == 0:
-            self.counters.add("cold_requests")
+            self.counters.add(COLD_REQUESTS)
 
     def take_prefix_hits(self) -> Counter[str]:
         """Hand the prefix hits recorded since the last call to the flusher (put them back on failure)."""

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 
 from cache_store import IndexUnavailable, MetadataIndex
-from cache_store.counter_names import ROUTER
+from cache_store.counter_names import FAILED_NO_WORKER, REJECTED, RETRIES, ROUTER, WORKER_ERRORS
 from cluster.history import record_history
 from cluster.policies import make_policy
 from cluster.router import NoWorker, Plan, Router
@@ -224,7 +224,7 @@ class RouterService:
             return
         prepared = await asyncio.to_thread(self.router.prepare, req)
         if isinstance(prepared, Problem):
-            self.router.counters.add("rejected")
+            self.router.counters.add(REJECTED)
             yield _last(Result.refused(prepared, id=req.id))
             return
         ids, chain = prepared
@@ -234,7 +234,7 @@ class RouterService:
             try:
                 plan = await self._place(ids, chain, tried)
             except NoWorker as e:
-                self.router.counters.add("failed_no_worker")
+                self.router.counters.add(FAILED_NO_WORKER)
                 detail = f" (after: {'; '.join(errors)})" if errors else ""
                 yield _last(Result.failed(f"{e}{detail}", ErrorKind.UNAVAILABLE, id=req.id, prompt_tokens=len(ids)))
                 return
@@ -243,7 +243,7 @@ class RouterService:
                 yield chunk
             if attempt.died is None:
                 return
-            self.router.counters.add("retries")
+            self.router.counters.add(RETRIES)
             tried.append(plan.placement.worker_id)
             errors.append(f"{plan.placement.worker_id}: {attempt.died}")
 
@@ -303,7 +303,7 @@ class RouterService:
             )
             yield _last(failed)
         except ray.exceptions.RayTaskError as e:
-            self.router.counters.add("worker_errors")
+            self.router.counters.add(WORKER_ERRORS)
             yield _last(Result.failed(f"internal error on {w}: {e}", ErrorKind.INTERNAL, id=req.id, worker_id=w))
         finally:
             self.router.finished(plan, attempt.latency)
@@ -347,7 +347,7 @@ class RouterService:
             return Result.failed(f"bad request: {e}", ErrorKind.BAD_REQUEST, id=rid)
         problem = self._tenant_problem(req, tenant)
         if problem:
-            self.router.counters.add("rejected")
+            self.router.counters.add(REJECTED)
             return Result.failed(problem, ErrorKind.BAD_REQUEST, id=req.id)
         return self._salt_for_tenant(req, tenant) if tenant is not None else req
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 
+from cache_store import counter_names as cn
 from cache_store.counter_names import DROP_TIERS, SUMMED, dropped_blocks
 
 
@@ -20,10 +21,10 @@ def ratio(a: float, b: float) -> float:
 
 def worker_summary(c: Mapping[str, int]) -> dict[str, float]:
     out = {k: int(c.get(k, 0)) for k in SUMMED}
-    out["hit_rate"] = ratio(out["cached_tokens"], out["prompt_tokens"])
-    out["request_hit_rate"] = ratio(out["hit_requests"], out["requests"])
-    out["mean_ttft_s"] = ratio(out["ttft_us_sum"] / 1e6, out["requests"])
-    out["evictions"] = out["spilled_blocks"] + sum(out[dropped_blocks(t)] for t in DROP_TIERS)
+    out["hit_rate"] = ratio(out[cn.CACHED_TOKENS], out[cn.PROMPT_TOKENS])
+    out["request_hit_rate"] = ratio(out[cn.HIT_REQUESTS], out[cn.REQUESTS])
+    out["mean_ttft_s"] = ratio(out[cn.TTFT_US_SUM] / 1e6, out[cn.REQUESTS])
+    out["evictions"] = out[cn.SPILLED_BLOCKS] + sum(out[dropped_blocks(t)] for t in DROP_TIERS)
     return out
 
 

@@ -19,6 +19,7 @@ and given back at `release`.
 from __future__ import annotations
 
 from cache_store import EMPTY_HOLD, BlockHash, TieredStore, block_hash
+from cache_store.counter_names import DEVICE, HOST, PEER
 from worker.sequence import BlockTable, Entry, Sequence
 
 
@@ -79,7 +80,7 @@ class BlockManager:
         n_cached = seq.kv_len
         seq.cached_tokens = n_cached
         for i in range(len(seq.blocks)):
-            source = "peer" if lo <= i < hi else ("device" if i < device_hits else "host")
+            source = PEER if lo <= i < hi else (DEVICE if i < device_hits else HOST)
             seq.by_tier[source] += max(0, min(bs, n_cached - i * bs))
 
     def blocks_needed(self, seq: Sequence, n: int) -> int:

@@ -52,7 +52,17 @@ from cache_store import (
     time_promotion,
     token_blocks,
 )
-from cache_store.counter_names import LeaseField, disk_summary, worker_request_counts
+from cache_store.counter_names import (
+    AUDIT_CHECKED,
+    AUDIT_MISMATCHES,
+    CANCELLED_REQUESTS,
+    FAILED_REQUESTS,
+    PREEMPTIONS,
+    REJECTED_REQUESTS,
+    LeaseField,
+    disk_summary,
+    worker_request_counts,
+)
 from cache_store.hashing import BlockHash
 from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
@@ -344,7 +354,7 @@ class Engine:
         if problem is None:
             ids, problem = self._prompt_ids(req, token_ids)
         if problem is not None:
-            self.counters.add("rejected_requests")
+            self.counters.add(REJECTED_REQUESTS)
             return Result.refused(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
         audit = use_cache and store and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
         root = root_hash(self.fingerprint, req.cache_salt)
@@ -577,7 +587,7 @@ class Engine:
             self._reap()
             plan = self.scheduler.schedule()
             if plan.preempted:
-                self.counters.add("preemptions", len(plan.preempted))
+                self.counters.add(PREEMPTIONS, len(plan.preempted))
             if not plan.batch:
                 return bool(plan.preempted) or self._unblock()
             try:
@@ -692,7 +702,7 @@ class Engine:
         else:
             self.scheduler.drop_waiting(seq)
         seq.result = Result.failed(error, kind, id=seq.req.id, worker_id=self.worker_id, prompt_tokens=len(seq.prompt))
-        self.counters.add("failed_requests")
+        self.counters.add(FAILED_REQUESTS)
         seq.emit(Chunk("", (), seq.result))
         seq.done.set()
 
@@ -709,7 +719,7 @@ class Engine:
         if reason == "cancelled":
             error = "cancelled: the caller went away before the answer was complete"
             seq.result = replace(seq.result, error=error, error_kind=ErrorKind.CANCELLED)
-            self.counters.add("cancelled_requests")
+            self.counters.add(CANCELLED_REQUESTS)
         elif seq.store or seq.use_cache:
             self._count(seq)
             if seq.audit and seq.cached_tokens:
@@ -778,9 +788,9 @@ class Engine:
             if ref.prompt_logits is None:
                 return
             diff = float((ref.prompt_logits - cached).abs().max())
-            self.counters.add("audit_checked")
+            self.counters.add(AUDIT_CHECKED)
             if diff > AUDIT_TOLERANCE.get(self.dtype, 1e-3):
-                self.counters.add("audit_mismatches")
+                self.counters.add(AUDIT_MISMATCHES)
                 log.error("audit: cached prefill differs from a fresh one by %.3g (%d tokens)", diff, len(seq.prompt))
 
         ref.sink = compare

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from cache_store.counter_names import DEVICE, HOST, PEER
 from worker.request import Result
 from worker.sequence import Chunk, Sequence
 
@@ -104,7 +105,7 @@ def build_result(seq: Sequence, text: str, worker_id: str) -> Result:
         finish_reason=seq.finish_reason or "length",
         latency_s=done - seq.arrived,
         queue_s=(seq.admitted or done) - seq.arrived,
-        cached_device_tokens=seq.by_tier["device"],
-        cached_host_tokens=seq.by_tier["host"],
-        cached_peer_tokens=seq.by_tier["peer"],
+        cached_device_tokens=seq.by_tier[DEVICE],
+        cached_host_tokens=seq.by_tier[HOST],
+        cached_peer_tokens=seq.by_tier[PEER],
     )

@@ -16,6 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from cache_store import Counters, Exported, Hold, TieredStore
+from cache_store.counter_names import (
+    PEER_FETCH_FAILURES,
+    PEER_FETCH_MISMATCHES,
+    PEER_FETCH_SKIPPED,
+    PEER_FETCHED_BLOCKS,
+    PEER_FETCHES,
+)
 from cache_store.hashing import BlockHash
 from worker.costs import CostModel
 
@@ -54,26 +61,26 @@ def fetch_prefix(
     if not want:
         return None
     if not costs.fetch_pays(len(want), store.shape.block_size):
-        counters.add("peer_fetch_skipped")
+        counters.add(PEER_FETCH_SKIPPED)
         return None
     try:
         got = fetcher(hint.worker_id, want)
     except PeerFetchError as e:
         log.warning("peer fetch from %s failed, recomputing: %s", hint.worker_id, e)
-        counters.add("peer_fetch_failures")
+        counters.add(PEER_FETCH_FAILURES)
         return None
     n = _verified(got, want, blocks[local:])
     if n < len(want) and n < len(got.hashes):
-        counters.add("peer_fetch_mismatches")
+        counters.add(PEER_FETCH_MISMATCHES)
     if n == 0 or tuple(got.kv.shape) != (len(got.hashes), *store.shape.block_dims) or got.kv.dtype != dtype:
         if n:
-            counters.add("peer_fetch_failures")
+            counters.add(PEER_FETCH_FAILURES)
         return None
     parent = hashes[local - 1] if local else None
     store.insert(parent, want[:n], blocks[local : local + n], got.kv[:n])
     hold = store.acquire(hashes, blocks)
-    counters.add("peer_fetches")
-    counters.add("peer_fetched_blocks", max(0, len(hold) - local))
+    counters.add(PEER_FETCHES)
+    counters.add(PEER_FETCHED_BLOCKS, max(0, len(hold) - local))
     return hold, local, len(hold)
 
 

@@ -7,8 +7,7 @@ from collections.abc import Mapping
 
 from ray.util.metrics import Counter, Gauge
 
-from cache_store.counter_names import LeaseField
-from cache_store.tree import DEVICE, HOST
+from cache_store.counter_names import DEVICE, HOST, PEER, LeaseField
 from worker.request import Result
 
 
@@ -34,9 +33,9 @@ class RayMetrics:
         self.generated.inc(len(r.token_ids), tags=self.tags)
         self.ttft.set(r.ttft_s, tags=self.tags)
         for tier, n in (
-            ("device", r.cached_device_tokens),
-            ("host", r.cached_host_tokens),
-            ("peer", r.cached_peer_tokens),
+            (DEVICE, r.cached_device_tokens),
+            (HOST, r.cached_host_tokens),
+            (PEER, r.cached_peer_tokens),
         ):
             if n:
                 self.cached.inc(n, tags={**self.tags, "tier": tier})

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from cache_store import BlockHash, Hold
+from cache_store.counter_names import HIT_TIERS
 from worker.request import Chunk, Request, Result  # Chunk: re-exported for the engine's modules
 
 
@@ -93,7 +94,7 @@ class Sequence:
     blocks: BlockTable = field(default_factory=BlockTable)
     kv_len: int = 0
     cached_tokens: int = 0
-    by_tier: dict[str, int] = field(default_factory=lambda: {"device": 0, "host": 0, "peer": 0})
+    by_tier: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HIT_TIERS, 0))
     admitted: float | None = None  # perf_counter of the first admission
     t_first: float | None = None
     prompt_logits: torch.Tensor | None = None

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cache_store import MetadataIndex
+from cache_store import counter_names as cn
 from cache_store.counter_names import (
     MISS_REASONS,
     ROUTER,
@@ -59,7 +60,7 @@ def collect(index: MetadataIndex, *, history: int = 360, top: int = 15) -> dict[
         "top_prefixes": top_rows,
         "history": window_rates(samples),
         "history_cumulative": [
-            {"t": s["t"], "hit_rate": ratio(s["cached_tokens"], s["prompt_tokens"])} for s in samples
+            {"t": s["t"], "hit_rate": ratio(s[cn.CACHED_TOKENS], s[cn.PROMPT_TOKENS])} for s in samples
         ],
     }
 
@@ -72,18 +73,18 @@ def _worker_row(worker_id: str, lease: Lease | None, c: Mapping[str, Any], now: 
     return {
         "worker_id": worker_id,
         "alive": lease is not None,
-        "lease_age_s": round(now - float(fields["hb"]), 1) if "hb" in fields else None,
+        "lease_age_s": round(now - float(fields[LeaseField.HEARTBEAT]), 1) if LeaseField.HEARTBEAT in fields else None,
         "generation": lease.generation if lease else None,
         "device": fields.get(LeaseField.DEVICE, ""),
         "queue": int(fields.get(LeaseField.QUEUE, 0) or 0),
         "served": int(fields.get(LeaseField.SERVED, 0) or 0),
-        "requests": c.get("requests", 0),
+        "requests": c.get(cn.REQUESTS, 0),
         "hit_rate": c.get("hit_rate", 0.0),
         "request_hit_rate": c.get("request_hit_rate", 0.0),
-        "cached_tokens": c.get("cached_tokens", 0),
+        "cached_tokens": c.get(cn.CACHED_TOKENS, 0),
         "evictions": c.get("evictions", 0),
         "mean_ttft_s": c.get("mean_ttft_s", 0.0),
-        "compute_saved_s": c.get("cached_tokens", 0) * us_per_token / 1e6,
+        "compute_saved_s": c.get(cn.CACHED_TOKENS, 0) * us_per_token / 1e6,
         "tiers": {
             **{tier: _tier(fields, tier, block_bytes) for tier in (DEVICE, HOST)},
             DISK: _disk_tier(fields),
@@ -127,10 +128,10 @@ def _tenant_rows(router: Mapping[str, int]) -> list[dict[str, Any]]:
             tenant, name = parsed
             tenants[tenant][name] = int(value)
     rows = (
-        {"tenant": t, **v, "hit_rate": ratio(v.get("cached_tokens", 0), v.get("prompt_tokens", 0))}
+        {"tenant": t, **v, "hit_rate": ratio(v.get(cn.CACHED_TOKENS, 0), v.get(cn.PROMPT_TOKENS, 0))}
         for t, v in tenants.items()
     )
-    return sorted(rows, key=lambda r: -r.get("requests", 0))[:TENANT_ROWS]
+    return sorted(rows, key=lambda r: -r.get(cn.REQUESTS, 0))[:TENANT_ROWS]
 
 
 def _top_prefixes(index: MetadataIndex, leases: Mapping[str, Lease], n: int) -> list[dict[str, Any]]:

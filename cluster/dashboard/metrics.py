@@ -17,14 +17,14 @@ from cache_store.counter_names import HIT_TIERS, hit_tokens
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _WORKER_COUNTERS = {
-    "requests": ("requests", "Requests served"),
-    "hit_requests": ("hit_requests", "Requests with at least one cached prompt token"),
-    "prompt_tokens": ("prompt_tokens", "Prompt tokens received"),
-    "prefill_tokens": ("prefill_tokens", "Prompt tokens computed (not served from cache)"),
-    "generated_tokens": ("generated_tokens", "Tokens generated"),
+    cn.REQUESTS: ("requests", "Requests served"),
+    cn.HIT_REQUESTS: ("hit_requests", "Requests with at least one cached prompt token"),
+    cn.PROMPT_TOKENS: ("prompt_tokens", "Prompt tokens received"),
+    cn.PREFILL_TOKENS: ("prefill_tokens", "Prompt tokens computed (not served from cache)"),
+    cn.GENERATED_TOKENS: ("generated_tokens", "Tokens generated"),
     "evictions": ("evicted_blocks", "Blocks spilled to host or dropped"),
-    "audit_checked": ("audit_checked", "Cache hits re-computed without the cache by the audit"),
-    "audit_mismatches": ("audit_mismatches", "Audited hits whose logits differed (expected 0)"),
+    cn.AUDIT_CHECKED: ("audit_checked", "Cache hits re-computed without the cache by the audit"),
+    cn.AUDIT_MISMATCHES: ("audit_mismatches", "Audited hits whose logits differed (expected 0)"),
     cn.DISK_READ_BLOCKS: ("disk_hit_blocks", "Blocks served from the disk tier (checksums good)"),
     cn.DISK_READ_BYTES: ("disk_read_bytes", "Bytes read by the disk tier"),
     cn.DISK_WRITE_BYTES: ("disk_write_bytes", "Bytes written by the disk tier"),
@@ -83,7 +83,7 @@ def _worker_counters(s: dict[str, Any]):
             fam.add_metric([w], c.get(k, 0) / 1e6)
         for tier in HIT_TIERS:
             cached.add_metric([w, tier], c.get(hit_tokens(tier), 0))
-        ttft.add_metric([w], c.get("ttft_us_sum", 0) / 1e6)
+        ttft.add_metric([w], c.get(cn.TTFT_US_SUM, 0) / 1e6)
         saved.add_metric([w], per_worker.get(w, {}).get("compute_saved_s", 0.0))
     yield from counters.values()
     yield from seconds.values()
@@ -124,7 +124,7 @@ def _cluster_families(s: dict[str, Any]):
         "prefixcache_tenant_hit_ratio", "Token hit rate per tenant (hashed)", labels=["tenant"]
     )
     for t in s["tenants"]:
-        tenant_req.add_metric([t["tenant"]], t.get("requests", 0))
+        tenant_req.add_metric([t["tenant"]], t.get(cn.REQUESTS, 0))
         tenant_hit.add_metric([t["tenant"]], t["hit_rate"])
     yield from (tenant_req, tenant_hit)
 
