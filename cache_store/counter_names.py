@@ -1,6 +1,6 @@
 """The names the layers share through the index: counters, tiers, lease fields, key formats.
 
-Workers and the router write counters to Redis; `cluster.stats`, the
+Workers and the router write counters to Redis; `cluster.service.stats`, the
 dashboard and the simulator read them back by name. This module is the only
 place that spells those names and key formats, so a writer and a reader can
 never drift apart: build a key here, parse it here. Writers import the
@@ -55,7 +55,7 @@ SPILLED_BLOCKS = "spilled_blocks"  # demoted to a lower tier
 EXPORTED_BLOCKS = "exported_blocks"  # read out for a peer
 HASH_COLLISIONS = "hash_collisions"  # same hash, other tokens: never served
 
-# The router's (cluster.router, cluster.router_actor), filed under ROUTER.
+# The router's (cluster.routing.router, cluster.service.router_actor), filed under ROUTER.
 ROUTED = "routed"
 PEER_HINTS = "peer_hints"  # placements that told the worker to fetch from a peer
 COLD_REQUESTS = "cold_requests"  # no prompt token served from cache
@@ -159,7 +159,7 @@ def dropped_blocks(tier: str) -> str:
 
 
 def placements(reason: str) -> str:
-    """The router's count of placements made for one reason (`cluster.policies.Placement.reason`)."""
+    """The router's count of placements made for one reason (`cluster.routing.policies.Placement.reason`)."""
     return f"placement_{reason}"
 
 
@@ -205,7 +205,7 @@ class PrefixKey(NamedTuple):
 # Added once per finished request, by its worker and (per tenant) by the router.
 REQUEST_COUNTERS = tuple(request_counts(0, 0))
 
-# Worker counters that `cluster.stats` totals across workers (every one monotonic).
+# Worker counters that `cluster.service.stats` totals across workers (every one monotonic).
 SUMMED = (
     *worker_request_counts(0, 0, dict.fromkeys(HIT_TIERS, 0), 0, 0.0),
     REJECTED_REQUESTS,

@@ -12,7 +12,7 @@ __all__ = ["Cluster", "Request", "Result"]
 
 def __getattr__(name: str):
     if name == "Cluster":
-        from cluster.client import Cluster
+        from cluster.service.client import Cluster
 
         globals()["Cluster"] = Cluster  # later lookups skip this function
         return Cluster

@@ -26,7 +26,7 @@ def hit_rate(samples) -> float:
 def one_run(size, eviction: str, workers: int, total_gb: float) -> dict:
     from cluster.bench.modes import run_chats, run_through
     from cluster.bench.suite import shared_workload
-    from cluster.client import Cluster
+    from cluster.service.client import Cluster
 
     key = f"ev-{eviction}-{workers}"
     c = Cluster.start(

@@ -8,8 +8,8 @@ import time
 from collections.abc import Sequence
 
 from cluster.bench.inproc import Sample
-from cluster.client import Cluster
-from cluster.workload import chats
+from cluster.bench.workload import chats
+from cluster.service.client import Cluster
 from worker.request import Request, Result
 
 

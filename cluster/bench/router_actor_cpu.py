@@ -44,7 +44,7 @@ def main() -> None:
     import ray
 
     from cluster import Cluster
-    from cluster.service import find_router
+    from cluster.service.lookup import find_router
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=300)

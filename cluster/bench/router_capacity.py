@@ -25,8 +25,8 @@ import time
 from collections import deque
 
 from cache_store import CacheConfig, EmbeddedRedis, MetadataIndex, block_chain, root_hash
-from cluster.policies import make_policy
-from cluster.router import Router
+from cluster.routing.policies import make_policy
+from cluster.routing.router import Router
 from worker.models import load_tokenizer
 from worker.request import Request
 

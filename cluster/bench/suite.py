@@ -131,7 +131,7 @@ def machine() -> dict:
 def shared_workload(size: Sizes, cache_salt: str | None = None):
     """The shared-system-prompt workload. One definition: every mode, in-process or service, must see
     the same prompts (seed 1); only the salt differs, so service modes never hit each other's blocks."""
-    from cluster.workload import shared_prompts
+    from cluster.bench.workload import shared_prompts
 
     return shared_prompts(
         size.questions,
@@ -150,7 +150,7 @@ def shared_workload(size: Sizes, cache_salt: str | None = None):
 
 def inprocess(size: Sizes, log) -> dict:
     from cluster.bench.inproc import Plain, Recipe, engine_sample, suffix_limit
-    from cluster.workload import cold
+    from cluster.bench.workload import cold
     from worker.engine import Engine
 
     engine = Engine.from_pretrained("demo", device="cpu", device_cache_gb=2.0, host_cache_gb=0)
@@ -222,7 +222,7 @@ def service_modes(size: Sizes, log) -> dict:
 
 def _two_worker_modes(size: Sizes, per_worker_gb: float, log) -> dict:
     """(d), then (c) on the same workers: each mode's own salts keep (d)'s blocks from serving (c)."""
-    from cluster.client import Cluster
+    from cluster.service.client import Cluster
 
     log("service: 2 workers, (d) cache-aware, then (c) round robin with per-worker caches ...")
     two = Cluster.start(workers=2, service="bench-2", device_cache_gb=per_worker_gb, host_cache_gb=0)
@@ -236,7 +236,7 @@ def _two_worker_modes(size: Sizes, per_worker_gb: float, log) -> dict:
 
 
 def _host_tier_mode(size: Sizes, per_worker_gb: float, log) -> dict:
-    from cluster.client import Cluster
+    from cluster.service.client import Cluster
 
     log("service: (e) a device tier a quarter of that, the host tier holding the rest ...")
     # The device tier is also the running requests' KV memory: it must hold the 2 that run on each
@@ -258,7 +258,7 @@ def _host_tier_mode(size: Sizes, per_worker_gb: float, log) -> dict:
 def _same_total_cache(n: int, size: Sizes, total_gb: float, log) -> dict:
     """Hit rate and throughput of `n` workers sharing `total_gb` of cache, shared system prompts only."""
     from cluster.bench.modes import run_through
-    from cluster.client import Cluster
+    from cluster.service.client import Cluster
 
     log(f"service: {n} worker(s) with the same total cache ...")
     c = Cluster.start(workers=n, service=f"bench-{n}w", device_cache_gb=total_gb / n, host_cache_gb=0)
@@ -272,7 +272,7 @@ def _same_total_cache(n: int, size: Sizes, total_gb: float, log) -> dict:
 def _mode(cluster, size: Sizes, key: str, n_workers: int) -> dict:
     """One service mode through all three workloads, two requests in flight per worker; `key` salts them."""
     from cluster.bench.modes import run_chats, run_through, tier_bytes
-    from cluster.workload import cold
+    from cluster.bench.workload import cold
 
     samples, _, wall = run_through(cluster, shared_workload(size, key).requests, 2 * n_workers)
     chat_samples, chat_wall = run_chats(

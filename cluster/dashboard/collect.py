@@ -24,8 +24,8 @@ from cache_store.counter_names import (
 )
 from cache_store.index import Lease, entry_generation
 from cache_store.tree import DEVICE, DISK, HOST
-from cluster.history import window_rates
-from cluster.stats import ratio, summarize
+from cluster.service.history import window_rates
+from cluster.service.stats import ratio, summarize
 
 TENANT_ROWS = 50
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from cache_store import IndexUnavailable, MetadataIndex
 from cluster.dashboard.collect import collect
-from cluster.history import record_history
+from cluster.service.history import record_history
 
 HISTORY_STALE_S = 15.0
 

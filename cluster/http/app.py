@@ -58,7 +58,8 @@ from cluster.http.protocol import (
 from cluster.http.responses import SSE_HEADERS, Responder
 from cluster.http.stream import RouterStream, Usage, sse_events
 from cluster.release import PREFIXCACHE_VERSION
-from cluster.service import find_router, find_routers, router_for
+from cluster.service.lookup import find_router, find_routers
+from cluster.service.spec import router_for
 from worker.request import NO_TOKENS, Request, Result, fits_context
 
 MAX_ONGOING_REQUESTS = 256  # per replica; Serve's default (5) would queue a chat burst at the proxy

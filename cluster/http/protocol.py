@@ -27,7 +27,7 @@ from typing import Any
 from cluster.http.errors import bad_request
 from worker.request import MAX_SALT_CHARS, MAX_STOP_STRINGS
 
-MAX_BODY_BYTES = 4 << 20  # as cluster.jsonl's line limit
+MAX_BODY_BYTES = 4 << 20  # as cluster.cli.jsonl's line limit
 MAX_JSON_DEPTH = 32  # the deepest body this API takes is 5 levels (messages[i].content[j].text)
 MAX_STOP_CHARS = 4096  # each stop string is matched against the text every step
 INT64_MAX = 2**63 - 1  # integers beyond it are refused (seed: as `Request` takes it)

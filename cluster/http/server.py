@@ -15,7 +15,7 @@ import ray
 
 from cluster.http.cors import parse_origins
 from cluster.http.keys import KeyFileError, load_keys
-from cluster.service import ServiceError
+from cluster.service.spec import ServiceError
 
 log = logging.getLogger(__name__)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")

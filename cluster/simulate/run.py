@@ -16,8 +16,8 @@ from collections import Counter, deque
 from collections.abc import Sequence
 
 from cache_store import CacheConfig
-from cluster.policies import make_policy
-from cluster.router import Plan, Router
+from cluster.routing.policies import make_policy
+from cluster.routing.router import Plan, Router
 from cluster.simulate.index import SimIndex
 from cluster.simulate.metrics import (
     LOST_ELSEWHERE,

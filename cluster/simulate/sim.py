@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from cache_store import CacheConfig
-from cluster.policies import POLICIES
+from cluster.routing.policies import POLICIES
 from cluster.simulate.metrics import PolicyResult, summarize
 from cluster.simulate.run import cached_blocks, prepare, run_policy, simulate_policy
 from cluster.simulate.timing import INSTANT, TimeModel

@@ -10,8 +10,8 @@ import ray
 
 from cache_store import EmbeddedRedis
 from cluster import Cluster
-from cluster.cli import main as cli
-from cluster.service import ServiceError
+from cluster.cli.main import main as cli
+from cluster.service.spec import ServiceError
 
 
 @pytest.fixture(scope="module")

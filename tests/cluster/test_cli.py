@@ -3,9 +3,9 @@
 import pytest
 
 from cache_store.policy import POLICIES as EVICTION_POLICIES
-from cluster.cli import build_parser, main
-from cluster.policies import POLICIES as ROUTING_POLICIES
-from cluster.service import ServiceSpec
+from cluster.cli.main import build_parser, main
+from cluster.routing.policies import POLICIES as ROUTING_POLICIES
+from cluster.service.spec import ServiceSpec
 
 
 def test_start_defaults_are_the_service_defaults():

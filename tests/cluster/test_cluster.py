@@ -9,7 +9,7 @@ import pytest
 
 from cache_store import CacheConfig
 from cluster import Cluster
-from cluster.cli import main as cli
+from cluster.cli.main import main as cli
 from worker.request import Request
 
 from .helpers import cancelled_on_workers, wait_cancelled

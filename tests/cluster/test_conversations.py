@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from cluster.simulate import BOUND, load_trace, open_trace, simulate
 from cluster.simulate.conversations import DEFAULT_SHAPE, generate, to_jsonl
 from cluster.simulate.trace import TRACE_BLOCK_TOKENS as B

@@ -16,7 +16,7 @@ from cache_store import EmbeddedRedis
 from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.dashboard.server import DashboardServer
-from cluster.router import tenant_label
+from cluster.routing.router import tenant_label
 from tests.cluster.helpers import http_get
 from tests.polling import wait_for
 
@@ -215,7 +215,7 @@ def test_token_and_bind_address():
 
 LIGHT_DASHBOARD = """
 import json, sys, urllib.request
-import cluster.cli, cluster.commands
+import cluster.cli.main, cluster.cli.commands
 from cluster.dashboard.server import DashboardServer
 dash = DashboardServer(sys.argv[1], port=0).start()
 stats = json.loads(urllib.request.urlopen(dash.url + "api/stats", timeout=10).read())
@@ -244,7 +244,7 @@ def test_dashboard_runs_without_torch_or_ray():
 
 
 def test_busy_port_and_missing_url_are_clear_errors(monkeypatch, capsys):
-    from cluster.cli import main
+    from cluster.cli.main import main
 
     with EmbeddedRedis() as server:
         dash = DashboardServer(server.url, port=free_port()).start()

@@ -15,7 +15,7 @@ import ray
 from cache_store import CacheConfig, EmbeddedRedis, MetadataIndex, block_chain, root_hash
 from cache_store import counter_names as cn
 from cluster import Cluster
-from cluster.cli import main as cli
+from cluster.cli.main import main as cli
 from cluster.dashboard.collect import collect
 from cluster.dashboard.metrics import render
 from tests.polling import wait_for

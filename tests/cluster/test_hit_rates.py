@@ -6,7 +6,7 @@ import random
 
 from cache_store import GIB
 from cluster import Cluster
-from cluster.workload import text, zipf_choices
+from cluster.bench.workload import text, zipf_choices
 from worker.demo_model import demo_block_bytes
 from worker.request import Request
 

@@ -20,7 +20,7 @@ from worker.names import NAMESPACE, worker_actor_name
 def test_cli_start_serves_http_and_stop_removes_it(ray_local, capsys):
     """`prefixcache start --http-port --allowed-origins` on a running cluster (detached, like
     production): CORS preflights answered, `reset-prefix-cache` empties the cache; then `stop`."""
-    from cluster import cli
+    from cluster.cli import main as cli
 
     port = free_port()
     args = ["--address", "auto", "--service", "t-cli-http"]
@@ -68,8 +68,9 @@ def test_cli_start_serves_http_and_stop_removes_it(ray_local, capsys):
 
 
 def test_cli_refuses_bad_allowed_origins_before_starting_anything(ray_local, capsys):
-    from cluster import cli
-    from cluster.service import ServiceError, find_router
+    from cluster.cli import main as cli
+    from cluster.service.lookup import find_router
+    from cluster.service.spec import ServiceError
 
     args = ["start", "--address", "auto", "--service", "t-cli-cors", "--http-port", str(free_port())]
     assert cli.main([*args, "--allowed-origins", "app.test"]) == 2

@@ -14,7 +14,7 @@ import ray
 from cache_store.embedded import free_port
 from cluster import Cluster
 from cluster.http.keys import KeyFileError, load_keys
-from cluster.service import ServiceError
+from cluster.service.spec import ServiceError
 from tests.cluster.helpers import http_get, http_get_json
 from worker.actor import NAMESPACE, worker_actor_name
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cluster.jsonl import RESULT_MARKER, SUMMARY_MARKER, dumps, marked_lines
+from cluster.cli.jsonl import RESULT_MARKER, SUMMARY_MARKER, dumps, marked_lines
 
 
 def test_marked_lines_come_back_whole_among_other_output():

@@ -29,7 +29,7 @@ NATIVE_CRASH = ("Aborted", "Fatal Python error", "*** SIG", "Stack trace", "core
 
 def launch(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "cluster.cli.main", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,7 +1,7 @@
 import dataclasses
 
 from cache_store import Holding
-from cluster.policies import (
+from cluster.routing.policies import (
     CacheAware,
     LeastLoaded,
     Placement,

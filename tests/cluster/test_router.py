@@ -3,8 +3,8 @@
 import pytest
 
 from cache_store import CacheConfig, MetadataIndex
-from cluster.policies import CacheAware, RoundRobin
-from cluster.router import NoWorker, Router
+from cluster.routing.policies import CacheAware, RoundRobin
+from cluster.routing.router import NoWorker, Router
 from worker.costs import CostModel
 from worker.demo_model import demo_tokenizer
 from worker.request import ErrorKind, Request
@@ -222,8 +222,8 @@ def test_a_placement_whose_caller_went_away_is_finished(index, valkey):
     import asyncio
     import threading
 
-    from cluster.router_actor import RouterService
-    from cluster.service import ServiceSpec
+    from cluster.service.router_actor import RouterService
+    from cluster.service.spec import ServiceSpec
 
     svc = RouterService(ServiceSpec().to_dict(), ["w0", "w1"], valkey.url)
     svc.router = make_router(index)

@@ -11,7 +11,8 @@ import ray
 from cache_store import CacheConfig, MetadataIndex
 from cluster import Cluster
 from cluster.dashboard.collect import collect
-from cluster.service import ServiceSpec, find_router, replica_for, router_name
+from cluster.service.lookup import find_router
+from cluster.service.spec import ServiceSpec, replica_for, router_name
 from tests.polling import wait_for
 from worker.actor import NAMESPACE
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cluster.cli import main
+from cluster.cli.main import main
 from cluster.simulate import BOUND, TimeModel, TraceError, TraceRequest, load_trace, simulate
 from cluster.simulate.trace import block_tokens, chain_of
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 
 from cluster import Cluster
-from cluster.workload import shared_prompts
+from cluster.bench.workload import shared_prompts
 from worker.actor import NAMESPACE, worker_actor_name
 
 SOAK_S = float(os.environ.get("PREFIXCACHE_SOAK_S", "40"))

@@ -11,8 +11,8 @@ import sys
 SCRIPT = r"""
 import json, ray
 from ray.cluster_utils import Cluster
-from cluster.launch import start_service, stop_service
-from cluster.service import ServiceSpec
+from cluster.service.launch import start_service, stop_service
+from cluster.service.spec import ServiceSpec
 from worker.request import Request
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})

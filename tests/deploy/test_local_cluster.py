@@ -123,7 +123,7 @@ def submit_through_ray_client(env, batch: Path, out: Path) -> list[dict]:
 
 
 # The CLI in-process, then a line to stdout: that line is missing if the command closed stdout.
-AFTER_MAIN = "import sys; from cluster.cli import main; rc = main(sys.argv[1:]); print('exit', rc); sys.exit(rc)"
+AFTER_MAIN = "import sys; from cluster.cli.main import main; rc = main(sys.argv[1:]); print('exit', rc); sys.exit(rc)"
 
 
 def submit_as_ray_job(env, batch: Path, by_id: dict[str, dict]) -> None:

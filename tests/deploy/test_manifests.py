@@ -117,7 +117,7 @@ def test_rayjob_runs_start_and_a_batch_on_that_cluster():
     lines = (ROOT / sample).read_text().splitlines()
     assert lines and all(json.loads(x)["prompt"] for x in lines)
     assert all(c["image"] == release.IMAGE for c in job["spec"]["submitterPodTemplate"]["spec"]["containers"])
-    from cluster.cli import build_parser  # the entrypoint parses with the real CLI
+    from cluster.cli.main import build_parser  # the entrypoint parses with the real CLI
 
     for command in entry.split("&&"):
         argv = command.split()[1:]
@@ -130,7 +130,7 @@ def test_the_disk_tier_directory_is_a_volume_of_the_worker_pods():
     [job] = ray_docs("RayJob")
     [rc] = ray_docs("RayCluster")
     start = next(c for c in job["spec"]["entrypoint"].split("&&") if "prefixcache start" in c)
-    from cluster.cli import build_parser
+    from cluster.cli.main import build_parser
 
     args = build_parser().parse_args([a.strip('"') for a in start.split()[1:]])
     assert args.disk_cache_dir and args.disk_cache_gb > 0

@@ -27,11 +27,12 @@ import ray
 
 from cache_store import IndexUnavailable, MetadataIndex
 from cache_store.counter_names import FAILED_NO_WORKER, REJECTED, RETRIES, ROUTER, WORKER_ERRORS
-from cluster.history import record_history
-from cluster.policies import make_policy
-from cluster.router import NoWorker, Plan, Router
-from cluster.service import ServiceError, ServiceSpec, find_router, redis_name, running_worker_ids
-from cluster.stats import summarize
+from cluster.routing.policies import make_policy
+from cluster.routing.router import NoWorker, Plan, Router
+from cluster.service.history import record_history
+from cluster.service.lookup import find_router, running_worker_ids
+from cluster.service.spec import ServiceError, ServiceSpec, redis_name
+from cluster.service.stats import summarize
 from worker.costs import CostModel
 from worker.names import NAMESPACE, worker_actor_name
 from worker.request import MAX_TENANT_CHARS, Chunk, ErrorKind, Problem, Request, Result

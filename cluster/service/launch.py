@@ -3,7 +3,7 @@
 A service is: N worker actors (one per GPU, or CPU actors), R router
 actors, and a Redis index (external, or embedded in a small actor on the
 driver's node). What a service is made of and where its actors are found
-live in `cluster.service`; this module creates and removes them. With
+live in `cluster.service.spec` and `.lookup`; this module creates and removes them. With
 `detached=True` (what `prefixcache start` uses) they outlive the process
 that started them.
 """
@@ -18,18 +18,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cache_store import CacheConfig, IndexUnavailable, MetadataIndex
-from cluster.redis_host import RedisHostActor
-from cluster.router_actor import RouterActor
-from cluster.service import (
-    ServiceError,
-    ServiceSpec,
-    find_router,
-    find_routers,
-    redis_name,
-    router_name,
-    worker_ids,
-    worker_index,
-)
+from cluster.service.lookup import find_router, find_routers
+from cluster.service.redis_host import RedisHostActor
+from cluster.service.router_actor import RouterActor
+from cluster.service.spec import ServiceError, ServiceSpec, redis_name, router_name, worker_ids, worker_index
 from worker.names import NAMESPACE, worker_actor_name
 
 log = logging.getLogger(__name__)

@@ -1,12 +1,13 @@
-"""One prefixcache service on a Ray cluster: its settings, its actors' names, finding it.
+"""One prefixcache service on a Ray cluster: its settings, its actors' names, the deal over routers.
 
 A service is: N worker actors (one per GPU, or CPU actors), R router
 actors (replicas sharing the index), and a Redis index (external, or
 embedded in a small actor on the driver's node). Actors are named
 `<service>:<role>` in the Ray namespace `prefixcache`, so a client anywhere
 in the cluster (or via Ray client) finds the routers by name and deals each
-request to one of them with `replica_for`. `cluster.launch` starts and
-stops the actors; the routers read their settings from here.
+request to one of them with `replica_for` (`cluster.service.lookup` finds
+them). `cluster.service.launch` starts and stops the actors; the routers
+read their settings from here. No Ray here: the CLI parses against it.
 """
 
 from __future__ import annotations
@@ -17,12 +18,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-import ray
-
 from cache_store import DEVICE_CACHE_GB, DISK_CACHE_GB, HOST_CACHE_GB, CacheConfig, redact, worker_disk_dir
-from cluster.policies import DEFAULT_POLICY, POLICIES
+from cluster.routing.policies import DEFAULT_POLICY, POLICIES
 from worker.config import EngineConfig
-from worker.names import NAMESPACE, worker_actor_name
 
 
 class ServiceError(RuntimeError):
@@ -164,34 +162,3 @@ def worker_index(worker_id: str) -> int | None:
     """i of an id `worker_ids` made ("worker-<i>"), else None."""
     m = re.fullmatch(r"worker-(\d+)", worker_id)
     return int(m.group(1)) if m else None
-
-
-def running_worker_ids(service: str) -> list[str]:
-    """The service's workers that Ray knows by name now, in start order: how a restarted router
-    finds the workers added after its first start."""
-    prefix = worker_actor_name(service, "")
-    named = ray.util.list_named_actors(all_namespaces=True)  # an actor runs in its job's namespace
-    found = [a["name"][len(prefix) :] for a in named if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)]
-    return sorted((w for w in found if worker_index(w) is not None), key=worker_index)
-
-
-def find_router(service: str = CacheConfig.service, replica: int = 0):
-    try:
-        return ray.get_actor(router_name(service, replica), namespace=NAMESPACE)
-    except ValueError:
-        raise ServiceError(
-            f"no prefixcache service {service!r} on this Ray cluster; start one with "
-            f"`prefixcache start --address <ray address> --service {service}`"
-        ) from None
-
-
-def find_routers(service: str, replicas: int, *, missing_ok: bool = False) -> list:
-    """Handles of the router replicas, replica 0 first (with `missing_ok`, those still there)."""
-    found = []
-    for i in range(replicas):
-        try:
-            found.append(find_router(service, i))
-        except ServiceError:
-            if not missing_ok:
-                raise
-    return found

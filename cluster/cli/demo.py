@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from cache_store import DISK_CACHE_GB
-from cluster.client import Cluster
-from cluster.demo_chats import CHATS, QUESTIONS, SYSTEM_PROMPTS
-from cluster.lifecycle import stop_on_sigterm
+from cluster.cli.demo_chats import CHATS, QUESTIONS, SYSTEM_PROMPTS
+from cluster.cli.lifecycle import stop_on_sigterm
 from cluster.release import DASHBOARD_PORT, HTTP_PORT
+from cluster.service.client import Cluster
 
 MAX_TOKENS = 48
 SHOW_CHARS = 110  # answers are printed on one line, cut here

@@ -14,10 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.lifecycle import stop_on_sigterm
+from cluster.cli.lifecycle import stop_on_sigterm
 
 if TYPE_CHECKING:
-    from cluster.jsonl import Line
+    from cluster.cli.jsonl import Line
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
@@ -31,7 +31,7 @@ def _ray(address: str):
     """Connect to a running Ray cluster (or Ray client address) for the duration of a command."""
     import ray
 
-    from cluster.raylink import init_ray
+    from cluster.service.raylink import init_ray
     from worker.names import NAMESPACE
 
     if ray.is_initialized():  # embedded use (tests, notebooks): reuse the connection
@@ -52,7 +52,7 @@ def _ray(address: str):
 
 
 def _service_error(fn, *a, **kw):
-    from cluster.service import ServiceError
+    from cluster.service.spec import ServiceError
 
     try:
         return fn(*a, **kw)
@@ -64,8 +64,8 @@ def _service_error(fn, *a, **kw):
 
 
 def demo(args) -> int:
-    from cluster.demo import run_demo
-    from cluster.service import ServiceError
+    from cluster.cli.demo import run_demo
+    from cluster.service.spec import ServiceError
 
     if args.workers < 1:
         raise UserError("--workers must be at least 1")
@@ -87,8 +87,8 @@ def demo(args) -> int:
 
 def start(args) -> int:
     from cache_store import redact
-    from cluster.launch import start_service
-    from cluster.service import ServiceSpec
+    from cluster.service.launch import start_service
+    from cluster.service.spec import ServiceSpec
 
     if args.allowed_origins is not None:  # refused before anything starts
         from cluster.http.cors import parse_origins
@@ -149,7 +149,7 @@ def _disk_dir(path: str | None) -> str | None:
 def _start_http(args, service: str) -> str:
     """The HTTP API for a just-started service; if it cannot start, the service is stopped again."""
     from cluster.http.server import start_http
-    from cluster.launch import stop_service
+    from cluster.service.launch import stop_service
 
     try:
         return start_http(
@@ -161,7 +161,7 @@ def _start_http(args, service: str) -> str:
 
 
 def add_workers(args) -> int:
-    from cluster.launch import add_workers as add
+    from cluster.service.launch import add_workers as add
 
     if args.n < 1:
         raise UserError("add at least one worker")
@@ -172,7 +172,7 @@ def add_workers(args) -> int:
 
 
 def stop(args) -> int:
-    from cluster.launch import stop_service
+    from cluster.service.launch import stop_service
 
     with _ray(args.address):
         _service_error(stop_service, args.service)
@@ -181,7 +181,7 @@ def stop(args) -> int:
 
 
 def reset_prefix_cache(args) -> int:
-    from cluster.launch import reset_prefix_cache as reset
+    from cluster.service.launch import reset_prefix_cache as reset
 
     with _ray(args.address):
         out = _service_error(reset, args.service)
@@ -194,8 +194,8 @@ def reset_prefix_cache(args) -> int:
 
 
 def status(args) -> int:
-    from cluster.client import Cluster
-    from cluster.demo import table
+    from cluster.cli.demo import table
+    from cluster.service.client import Cluster
 
     with _ray(args.address):
         cluster = _service_error(Cluster.connect, args.address, service=args.service)
@@ -257,8 +257,8 @@ def submit(args) -> int:
 
 def _submit_client(args, path: Path, out_path: str, marked: bool = False) -> int:
     """Run a batch through Ray client (or on a node, as a Ray Job's entrypoint when `marked`)."""
-    from cluster.client import Cluster
-    from cluster.jsonl import RESULT_MARKER, SUMMARY_MARKER
+    from cluster.cli.jsonl import RESULT_MARKER, SUMMARY_MARKER
+    from cluster.service.client import Cluster
 
     lines = _read_batch(path)
     valid = [line for line in lines if line.request is not None]
@@ -277,7 +277,7 @@ def _submit_client(args, path: Path, out_path: str, marked: bool = False) -> int
 
 def warm(args) -> int:
     """Pre-warm the service with the prompts of a JSONL file; exit 1 if any could not be pinned."""
-    from cluster.client import Cluster
+    from cluster.service.client import Cluster
 
     path = Path(args.file)
     if not path.is_file():
@@ -304,7 +304,7 @@ def warm(args) -> int:
 
 def _read_batch(path: Path) -> list[Line]:
     """Every request line and every bad line of the file (blank lines dropped), numbered."""
-    from cluster.jsonl import read_requests
+    from cluster.cli.jsonl import read_requests
 
     with open(path, "rb") as f:
         return [line for line in read_requests(f) if line.request is not None or line.error is not None]
@@ -327,7 +327,7 @@ class _InOrder:
     """Writes records in input-line order as results arrive out of order: a reader can tail the file."""
 
     def __init__(self, out, lines: list[Line], marker: str):
-        from cluster.jsonl import error_record
+        from cluster.cli.jsonl import error_record
 
         self.out, self.marker = out, marker
         self.order = [line.number for line in lines]
@@ -339,7 +339,7 @@ class _InOrder:
         self.flush()
 
     def flush(self) -> None:
-        from cluster.jsonl import dumps
+        from cluster.cli.jsonl import dumps
 
         while self.written < len(self.order) and self.order[self.written] in self.ready:
             self.out.write(self.marker + dumps(self.ready.pop(self.order[self.written])) + "\n")
@@ -372,7 +372,7 @@ class _Tally:
 def _run_batch(cluster, args, valid: list[Line], ordered: _InOrder, tally: _Tally) -> None:
     from tqdm import tqdm
 
-    from cluster.jsonl import result_record
+    from cluster.cli.jsonl import result_record
 
     bar = tqdm(total=len(valid), unit="req", file=sys.stderr, disable=args.no_progress)
     for i, result in cluster.submit([line.request for line in valid], tenant=args.tenant, window=args.window):
@@ -386,7 +386,7 @@ def _submit_job(args, path: Path, out_path: str) -> int:
     """Run the same batch as a Ray Job on the cluster; results come back through the job's log."""
     from ray.job_submission import JobStatus
 
-    from cluster.jsonl import RESULT_MARKER, SUMMARY_MARKER, marked_lines
+    from cluster.cli.jsonl import RESULT_MARKER, SUMMARY_MARKER, marked_lines
 
     client = _jobs_client(args.jobs)
     workdir = Path(tempfile.mkdtemp(prefix="prefixcache-job-"))

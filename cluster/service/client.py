@@ -18,9 +18,10 @@ from collections.abc import Iterable, Iterator, Sequence
 import ray
 
 from cluster.http.server import start_http
-from cluster.launch import add_workers, start_service, stop_service
-from cluster.raylink import init_ray
-from cluster.service import ServiceSpec, find_router, find_routers, router_for
+from cluster.service.launch import add_workers, start_service, stop_service
+from cluster.service.lookup import find_router, find_routers
+from cluster.service.raylink import init_ray
+from cluster.service.spec import ServiceSpec, router_for
 from worker.names import NAMESPACE
 from worker.request import Chunk, Request, Result, stop_tuple
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from cache_store import MetadataIndex
 from cache_store.counter_names import CACHED_TOKENS, HIT_REQUESTS, PROMPT_TOKENS, REQUEST_COUNTERS, REQUESTS
-from cluster.stats import ratio, summarize
+from cluster.service.stats import ratio, summarize
 
 
 def history_sample(totals: dict[str, Any], now: float | None = None) -> dict[str, float]:

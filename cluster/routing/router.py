@@ -1,7 +1,7 @@
 """Router: tokenizes, asks the index once who holds the prompt's prefix, places the request.
 
 `Router` is a plain class (tokenizer + index + policy + in-flight
-accounting), tested without Ray. `RouterService` (cluster/router_actor.py)
+accounting), tested without Ray. `RouterService` (cluster/service/router_actor.py)
 is the async Ray actor around it that forwards requests to workers and
 retries on another worker when one dies.
 """
@@ -32,8 +32,8 @@ from cache_store.counter_names import (
     request_counts,
     tenant_counter,
 )
-from cluster.churn import CacheChurn
-from cluster.policies import Placement, PlacementInput, Policy
+from cluster.routing.churn import CacheChurn
+from cluster.routing.policies import Placement, PlacementInput, Policy
 from worker.costs import DEFAULT_COSTS, CostModel
 from worker.request import ErrorKind, Problem, Request, prompt_ids_problem
 
@@ -114,7 +114,7 @@ class Router:
         self._live: tuple[list[str], list[Sequence[int]]] | None = None  # cached by `_candidates`
         self._profiles: dict[CostModel, CostModel] = {}  # one object per distinct cost profile
         self._default_s: float | None = None  # cached by `_default_service_s`
-        # Blocks each worker was sent to cache, as prices per block written (cluster/churn.py)
+        # Blocks each worker was sent to cache, as prices per block written (cluster/routing/churn.py)
         self.churn = CacheChurn(self._block_s, CHURN_TAU_S)
         self.churn.set_live(len(self.alive))
         self.clock = time.monotonic  # seconds; replaceable so tests can move time

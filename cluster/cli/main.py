@@ -25,20 +25,20 @@ import logging
 import os
 import sys
 
-from cache_store import DEVICE_CACHE_GB, DISK_CACHE_GB, HOST_CACHE_GB, CacheConfig, default_disk_dir
+from cache_store import CacheConfig, default_disk_dir
 from cache_store.policy import POLICIES as EVICTION_POLICIES
 from cluster.bench import PARTS as BENCH_PARTS
-from cluster.policies import DEFAULT_POLICY
-from cluster.policies import POLICIES as ROUTING_POLICIES
 from cluster.release import DASHBOARD_PORT, HTTP_PORT
-from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, EngineConfig
+from cluster.routing.policies import POLICIES as ROUTING_POLICIES
+from cluster.service.spec import ServiceSpec
+from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 DEMO_DISK_GB = 1.0  # the demo's disk tier per worker: enough for its chats, small enough for a laptop
 
 
 def _service_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--service", default=CacheConfig.service, help="service name (several can share one Ray cluster)")
+    p.add_argument("--service", default=ServiceSpec.service, help="service name (several can share one Ray cluster)")
 
 
 def _address_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -104,7 +104,7 @@ def _demo(sub) -> None:
     p = sub.add_parser(
         "demo", help="local service on a real instruct model; chats through its OpenAI-compatible API; results table"
     )
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=ServiceSpec.workers)
     p.add_argument(
         "--model", default="smollm2", help="smollm2 (SmolLM2-135M-Instruct, default), demo (random weights) or a dir"
     )
@@ -123,18 +123,24 @@ def _start(sub) -> None:
     p = sub.add_parser("start", help="start router + workers on a running Ray cluster")
     _address_arg(p)
     _service_args(p)
-    p.add_argument("--workers", type=int, default=2, help="worker actors (one per GPU when the cluster has GPUs)")
+    p.add_argument(
+        "--workers", type=int, default=ServiceSpec.workers, help="worker actors (one per GPU when the cluster has GPUs)"
+    )
     p.add_argument(
         "--routers",
         type=int,
-        default=1,
+        default=ServiceSpec.routers,
         help="router replicas sharing the index; requests are dealt by prompt prefix (README: sizing the router)",
     )
     p.add_argument(
-        "--model", default="demo", help="'demo' or a local Hugging Face model directory (same path on every node)"
+        "--model",
+        default=ServiceSpec.model,
+        help="'demo' or a local Hugging Face model directory (same path on every node)",
     )
     p.add_argument(
-        "--redis-url", default=None, help="redis://[:PASSWORD@]HOST:PORT; default: embedded (single-node only)"
+        "--redis-url",
+        default=ServiceSpec.redis_url,
+        help="redis://[:PASSWORD@]HOST:PORT; default: embedded (single-node only)",
     )
     _cache_args(p)
     _placement_args(p)
@@ -146,7 +152,7 @@ def _start(sub) -> None:
     p.add_argument(
         "--audit-fraction",
         type=float,
-        default=0.0,
+        default=ServiceSpec.audit_fraction,
         help="share of cache hits re-computed without the cache and compared (e.g. 0.01)",
     )
     _http_args(p, default_port=None)
@@ -154,17 +160,17 @@ def _start(sub) -> None:
 
 
 def _cache_args(p: argparse.ArgumentParser) -> None:
-    """Each worker's cache and the routing over them; defaults and names from CacheConfig and the registries."""
-    p.add_argument("--device-cache-gb", type=float, default=DEVICE_CACHE_GB)
-    p.add_argument("--host-cache-gb", type=float, default=HOST_CACHE_GB)
+    """Each worker's cache and the routing over them; defaults from ServiceSpec, names from the registries."""
+    p.add_argument("--device-cache-gb", type=float, default=ServiceSpec.device_cache_gb)
+    p.add_argument("--host-cache-gb", type=float, default=ServiceSpec.host_cache_gb)
     _disk_args(p, default_dir=None)
-    p.add_argument("--block-size", type=int, default=CacheConfig.block_size)
-    p.add_argument("--policy", default=DEFAULT_POLICY, choices=list(ROUTING_POLICIES))
+    p.add_argument("--block-size", type=int, default=ServiceSpec.block_size)
+    p.add_argument("--policy", default=ServiceSpec.policy, choices=list(ROUTING_POLICIES))
     p.add_argument(
         "--eviction",
-        default=CacheConfig.eviction,
+        default=ServiceSpec.eviction,
         choices=list(EVICTION_POLICIES),
-        help=f"{CacheConfig.eviction} by default (cache_store.policy); bounded_slru protects reused "
+        help=f"{ServiceSpec.eviction} by default (cache_store.policy); bounded_slru protects reused "
         "blocks up to half the tier; slru protects them all (can starve chat turns)",
     )
 
@@ -180,7 +186,7 @@ def _disk_args(p: argparse.ArgumentParser, default_dir: str | None) -> None:
     p.add_argument(
         "--disk-cache-gb",
         type=float,
-        default=DISK_CACHE_GB if default_dir is None else DEMO_DISK_GB,
+        default=ServiceSpec.disk_cache_gb if default_dir is None else DEMO_DISK_GB,
         help="each worker's disk tier budget (preallocated in a few slab files)",
     )
     if default_dir is not None:
@@ -189,13 +195,15 @@ def _disk_args(p: argparse.ArgumentParser, default_dir: str | None) -> None:
 
 def _placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)"
+        "--dtype",
+        default=ServiceSpec.dtype,
+        help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on GPU)",
     )
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus-per-worker", type=float, default=ServiceSpec.cpus_per_worker)
     p.add_argument(
         "--gpus-per-worker",
         type=float,
-        default=None,
+        default=ServiceSpec.gpus_per_worker,
         help="default: 1 when the cluster has GPUs, else 0; 0.5 puts two workers on a GPU",
     )
 
@@ -205,19 +213,19 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-running",
         type=int,
-        default=None,
+        default=ServiceSpec.max_running,
         help=f"requests each worker batches into one forward (default: {cpu_running} on CPU, {gpu_running} on GPU; "
         "1 = one at a time)",
     )
     p.add_argument(
         "--max-batch-tokens",
         type=int,
-        default=None,
+        default=ServiceSpec.max_batch_tokens,
         help=f"tokens per forward, decodes plus prefill chunks (default: {cpu_tokens} on CPU, {gpu_tokens} on GPU)",
     )
     p.add_argument(
         "--attention",
-        default=EngineConfig.attention,
+        default=ServiceSpec.attention,
         choices=ATTENTION_MODES,
         help="how each step attends: auto (default) picks the fastest built for the device (cpu_kernel on CPU, "
         "triton on CUDA); sdpa is the per-request fallback. `Engine.info()` and /v1/workers name what runs",
@@ -365,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from cluster import commands
+    from cluster.cli import commands
 
     try:
         return getattr(commands, args.command.replace("-", "_"))(args)
