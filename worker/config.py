@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 AttentionBackend = Literal["cpu_kernel", "triton", "sdpa"]
 AttentionMode = Literal["auto", "cpu_kernel", "triton", "sdpa"]
 ATTENTION_MODES: tuple[AttentionMode, ...] = ("auto", "cpu_kernel", "triton", "sdpa")
+# How the linear layers' weights are laid out (see worker.linear, which reads these names).
+LinearMode = Literal["auto", "packed", "plain"]
+LINEAR_MODES: tuple[LinearMode, ...] = ("auto", "packed", "plain")
 
 # (max_running, max_batch_tokens) when not given. CPU: a step of 256 tokens keeps decode latency
 # near 0.1 s on 2 cores with the demo model while 32 requests share each forward; GPU: the usual
@@ -26,11 +29,13 @@ DEVICE_DEFAULTS = {"cpu": (32, 256), "cuda": (256, 2048)}
 class EngineConfig:
     """max_running: requests in one batch (1 = one at a time, batch-independent bits).
     max_batch_tokens: tokens per forward (decodes + prefill chunks); bounds a step's time.
-    attention: how each step attends (see worker.paged_attention)."""
+    attention: how each step attends (see worker.paged_attention).
+    linear: the linear layers' weight layout (see worker.linear; "packed" costs a second copy)."""
 
     max_running: int | None = None
     max_batch_tokens: int | None = None
     attention: AttentionMode = "auto"
+    linear: LinearMode = "auto"
 
     def resolved(self, device: torch.device) -> EngineConfig:
         running, tokens = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
@@ -54,3 +59,5 @@ class EngineConfig:
             )
         if self.attention not in ATTENTION_MODES:
             raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.linear not in LINEAR_MODES:
+            raise ConfigError(f"linear must be one of {LINEAR_MODES}, got {self.linear!r}")

@@ -68,6 +68,7 @@ from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
+from worker.linear import prepare_linears
 from worker.model_runner import ModelRunner
 from worker.models import (
     LoadedModel,
@@ -75,7 +76,6 @@ from worker.models import (
     load_model,
     resolve_device,
     resolve_dtype,
-    use_input_major_weights,
 )
 from worker.output import Detokenizer, build_result, cut_at_stop
 from worker.paged_attention import ATTN_NAME, resolve_backend
@@ -117,13 +117,12 @@ class Engine:
         self.loaded = loaded
         self.model = loaded.model
         self.model.set_attn_implementation(ATTN_NAME)
-        if device.type == "cpu":
-            use_input_major_weights(self.model)
         self.tokenizer = loaded.tokenizer
         self.device = device
         self.worker_id = worker_id
         self.block_size = cache_config.block_size
         self.dtype = next(self.model.parameters()).dtype
+        self.linear = prepare_linears(self.model, self.config.linear, device, self.dtype)
         self.fingerprint = model_fingerprint or fingerprint(self.model, self.tokenizer, self.block_size)
         lay = loaded.layout
         shape = KVShape(lay.layers, lay.kv_heads, cache_config.block_size, lay.head_dim, self.dtype)
@@ -503,6 +502,7 @@ class Engine:
             "max_running": self.config.max_running,
             "max_batch_tokens": self.config.max_batch_tokens,
             "attention": self.attention,
+            "linear": self.linear,
             LeaseField.PREFILL_US_PER_TOKEN: round(self.costs.prefill_s_per_token * 1e6, 3),
             "disk_dir": self.store.config.disk_dir or "",
         }

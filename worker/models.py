@@ -170,20 +170,6 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype) -> LoadedMod
     return LoadedModel(name, model, tokenizer, layout, max_context, int(text.vocab_size), _eos_ids(model, tokenizer))
 
 
-def use_input_major_weights(model: PreTrainedModel) -> int:
-    """Store every linear layer's weight [out, in] as the transpose of a contiguous [in, out] (same
-    values, shape and state dict; only the strides change). On CPU, `F.linear` then hands MKL a
-    matrix it need not transpose: measured on this 2-core machine at 16 and 64 rows (a batched
-    decode step), 1.4-1.8x faster per GEMM, the same at 1 row. A tied embedding shares the layout
-    (its lookups read strided rows: a few per step). Returns the layers changed."""
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and module.weight.dim() == 2:
-            module.weight.data = module.weight.data.t().contiguous().t()
-            changed += 1
-    return changed
-
-
 def load_tokenizer(name: str):
     """The tokenizer alone (the router needs no weights)."""
     if name == "demo":

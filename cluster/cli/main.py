@@ -31,7 +31,7 @@ from cluster.bench import PARTS as BENCH_PARTS
 from cluster.release import DASHBOARD_PORT, HTTP_PORT
 from cluster.routing.policies import POLICIES as ROUTING_POLICIES
 from cluster.service.spec import ServiceSpec
-from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS
+from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, LINEAR_MODES
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 DEMO_DISK_GB = 1.0  # the demo's disk tier per worker: enough for its chats, small enough for a laptop
@@ -229,6 +229,13 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
         choices=ATTENTION_MODES,
         help="how each step attends: auto (default) picks the fastest built for the device (cpu_kernel on CPU, "
         "triton on CUDA); sdpa is the per-request fallback. `Engine.info()` and /v1/workers name what runs",
+    )
+    p.add_argument(
+        "--linear",
+        default=ServiceSpec.linear,
+        choices=LINEAR_MODES,
+        help="linear weight layout: auto (default) packs a oneDNN copy of the weights on CPU for float32 "
+        "(faster batched steps, batch-independent rows; twice the weight memory); plain keeps one copy",
     )
 
 

@@ -58,6 +58,7 @@ class ServiceSpec:
     max_running: int | None = None  # requests per forward on each worker (None: the device's default)
     max_batch_tokens: int | None = None  # tokens per forward on each worker (None: the device's default)
     attention: str = EngineConfig.attention  # how each worker's steps attend (worker.config.ATTENTION_MODES)
+    linear: str = EngineConfig.linear  # the workers' linear weight layout (worker.config.LINEAR_MODES)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.service):
@@ -108,7 +109,10 @@ class ServiceSpec:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
-            max_running=self.max_running, max_batch_tokens=self.max_batch_tokens, attention=self.attention
+            max_running=self.max_running,
+            max_batch_tokens=self.max_batch_tokens,
+            attention=self.attention,
+            linear=self.linear,
         )
 
     def to_dict(self) -> dict:

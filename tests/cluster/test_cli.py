@@ -23,6 +23,11 @@ def test_start_defaults_are_the_service_defaults():
         "max_running",
         "max_batch_tokens",
         "attention",
+        "linear",
+        "workers",
+        "model",
+        "cpus_per_worker",
+        "audit_fraction",
     ):
         assert getattr(args, name) == getattr(spec, name), name
 
@@ -48,6 +53,18 @@ def test_every_attention_mode_is_a_choice_and_a_bad_one_says_which_are():
     assert ServiceSpec(attention="sdpa").engine_config().attention == "sdpa"
     with pytest.raises(ConfigError, match="attention must be one of"):
         ServiceSpec(attention="flash")
+
+
+def test_every_linear_mode_is_a_choice_and_reaches_the_engine_config():
+    from cache_store import ConfigError
+    from worker.config import LINEAR_MODES
+
+    parser = build_parser()
+    assert [parser.parse_args(["start", "--linear", m]).linear for m in LINEAR_MODES] == list(LINEAR_MODES)
+    assert main(["start", "--linear", "fast"]) == 2
+    assert ServiceSpec(linear="plain").engine_config().linear == "plain"
+    with pytest.raises(ConfigError, match="linear must be one of"):
+        ServiceSpec(linear="fast")
 
 
 def test_every_registered_routing_policy_is_a_choice():

@@ -14,6 +14,7 @@ import torch
 from cache_store import CacheConfig, KVShape
 from worker import kernels
 from worker.engine import Engine, EngineConfig
+from worker.linear import packed_available
 from worker.models import load_model
 from worker.request import Request
 
@@ -22,14 +23,17 @@ from .reference import check, check_logits, check_run, rand_ids
 MODELS = ["demo", "llama", "qwen2", "mistral", "gemma"]
 
 
-def make_engine(tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_size=None, attention="auto") -> Engine:
+def make_engine(
+    tiny_dirs, name, *, device_blocks=256, host_blocks=256, block_size=None, attention="auto", linear="auto"
+) -> Engine:
     path = "demo" if name == "demo" else str(tiny_dirs[name])
     loaded = load_model(path, torch.device("cpu"), torch.float32)
     bs = block_size or (CacheConfig.block_size if name == "demo" else 8)
     lay = loaded.layout
     block_bytes = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
     cfg = CacheConfig(block_size=bs, device_bytes=device_blocks * block_bytes, host_bytes=host_blocks * block_bytes)
-    return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(attention=attention))
+    config = EngineConfig(attention=attention, linear=linear)
+    return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=config)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -45,6 +49,19 @@ def test_every_cached_length(tiny_dirs, name):
     r = check(engine, w[: 3 * bs], 3 * bs - 1)  # whole prompt cached: the last token is recomputed
     assert r.cached_device_tokens == 3 * bs - 1
     check(engine, rand_ids(2 * bs + 3, seed=2), 0)  # unrelated prompt: no hit
+
+
+@pytest.mark.parametrize("name", ["demo", "llama"])
+def test_every_cached_length_with_plain_linear_layers(tiny_dirs, name):
+    """MKL's layout alone ("plain") keeps the promise too; "auto" packs the weights where oneDNN runs."""
+    assert make_engine(tiny_dirs, name).info()["linear"] == ("packed" if packed_available() else "plain")
+    engine = make_engine(tiny_dirs, name, linear="plain")
+    assert engine.info()["linear"] == "plain"
+    bs = engine.block_size
+    w = rand_ids(3 * bs + 5, seed=1)
+    check(engine, w, 0)
+    check(engine, w[: 2 * bs] + [(t + 1) % 256 for t in w[2 * bs : 3 * bs + 2]], 2 * bs)
+    check(engine, w[: 3 * bs], 3 * bs - 1)
 
 
 @pytest.mark.parametrize("name", ["demo", "llama"])
