@@ -2,7 +2,7 @@
 
 Rules (the store enforces the budget; this class keeps each request's
 `BlockTable` consistent with what it pins and owns, see its invariants):
-  - `admit` pins the longest cached prefix on device and points the table at
+  - `open_table` pins the longest cached prefix on device and points the table at
     those blocks in place. The last prompt token is always recomputed; when
     it falls inside a held block, that block is copied to a working slot
     first (copy on write), because a cached block is never overwritten.
@@ -12,7 +12,7 @@ Rules (the store enforces the budget; this class keeps each request's
     the next turn of a chat hit it while this one still runs.
   - `release` unpins the request's path and frees its working slots and row.
 Every table has a row in the runner's device-side array of block tables
-(`rows` of them, one per request that may run at once), taken at `admit`
+(`rows` of them, one per request that may run at once), taken at `open_table`
 and given back at `release`.
 """
 
@@ -33,7 +33,7 @@ class BlockManager:
         """Leading blocks of seq cached here in any tier (nothing pinned, no access recorded)."""
         return self.store.lookup(seq.chain, seq.chain_blocks) if seq.use_cache else 0
 
-    def admit(self, seq: Sequence) -> int:
+    def open_table(self, seq: Sequence) -> int:
         """Point seq's table at its cached prefix; returns how many held blocks were found on device
         (the rest came from host), for `count_hits`."""
         bs = self.block_size
@@ -110,7 +110,7 @@ class BlockManager:
                 seq.chain_blocks.append(tuple(toks))
             table.full = i + 1
             entry = table.entries[i]
-            if not (seq.store and entry.owned and table.pinned == i):
+            if not (seq.write_cache and entry.owned and table.pinned == i):
                 continue  # not caching, or an earlier block could not join: nothing below it can
             outcome = self.store.adopt(parent, seq.chain[i], toks, entry.slot)
             if outcome != "refused":

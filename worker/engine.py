@@ -84,7 +84,7 @@ from worker.request import ErrorKind, Problem, Request, Result, prompt_ids_probl
 from worker.sampling import GREEDY_BELOW, make_generator, next_token
 from worker.scheduler import Scheduler
 from worker.sequence import Chunk, Status
-from worker.sequence import Sequence as Seq
+from worker.sequence import Sequence as Seq  # collections.abc.Sequence keeps its own name here
 
 __all__ = ["Engine", "EngineConfig", "PeerFetchError", "PeerHint", "Chunk"]
 
@@ -338,7 +338,7 @@ class Engine:
         arrived: float | None = None,
         sink=None,
         use_cache: bool = True,
-        store: bool = True,
+        write_cache: bool = True,
         capture_logits: bool = False,
     ) -> Seq | Result:
         """Queue a request; returns its Sequence, or a failed Result for a bad request.
@@ -355,7 +355,7 @@ class Engine:
         if problem is not None:
             self.counters.add(REJECTED_REQUESTS)
             return Result.refused(problem, id=req.id, worker_id=self.worker_id, prompt_tokens=len(ids))
-        audit = use_cache and store and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
+        audit = use_cache and write_cache and self.audit_fraction > 0 and self._audit_rng.random() < self.audit_fraction
         root = root_hash(self.fingerprint, req.cache_salt)
         seq = Seq(
             req,
@@ -365,7 +365,7 @@ class Engine:
             t0,
             sink=sink,
             use_cache=use_cache,
-            store=store,
+            write_cache=write_cache,
             capture_logits=capture_logits or audit,
             audit=audit,
             chain=block_chain(root, ids, self.block_size),  # the only time a prompt is hashed here
@@ -436,7 +436,7 @@ class Engine:
         """(logits, cached tokens per source) of the last prompt position, through the same path as
         every request, storing nothing. Logits are float32 on CPU. Used by the exactness tests."""
         req = Request(list(token_ids), max_new_tokens=1, cache_salt=cache_salt)
-        seq = self.submit(req, use_cache=use_cache, store=False, capture_logits=True)
+        seq = self.submit(req, use_cache=use_cache, write_cache=False, capture_logits=True)
         if isinstance(seq, Result):
             raise ValueError(seq.error)
         self.wait(seq)
@@ -585,18 +585,18 @@ class Engine:
         """One forward over the scheduled batch; False if there was nothing to do."""
         with self._step_lock:
             self._reap()
-            plan = self.scheduler.schedule()
-            if plan.preempted:
-                self.counters.add(PREEMPTIONS, len(plan.preempted))
-            if not plan.batch:
-                return bool(plan.preempted) or self._unblock()
+            step = self.scheduler.schedule()
+            if step.preempted:
+                self.counters.add(PREEMPTIONS, len(step.preempted))
+            if not step.batch:
+                return bool(step.preempted) or self._unblock()
             try:
-                logits, sampled = self.runner.run(plan.batch)
+                logits, sampled = self.runner.run(step.batch)
             except Exception as e:  # a bug or a device error: find whose it is, keep serving the rest
                 log.exception("forward failed")
-                batch, logits, sampled = self._forward_alone(plan.batch, e)
+                batch, logits, sampled = self._forward_alone(step.batch, e)
             else:
-                batch = plan.batch
+                batch = step.batch
             for seq, n in batch:
                 self.blocks.commit(seq, n)
                 self.scheduler.committed(seq)
@@ -720,7 +720,7 @@ class Engine:
             error = "cancelled: the caller went away before the answer was complete"
             seq.result = replace(seq.result, error=error, error_kind=ErrorKind.CANCELLED)
             self.counters.add(CANCELLED_REQUESTS)
-        elif seq.store or seq.use_cache:
+        elif seq.write_cache or seq.use_cache:
             self._count(seq)
             if seq.audit and seq.cached_tokens:
                 self._audit(seq)
@@ -778,7 +778,7 @@ class Engine:
         noise is a mismatch."""
         cached = seq.prompt_logits
         req = Request(seq.prompt, max_new_tokens=0, cache_salt=seq.req.cache_salt)
-        ref = Seq(req, seq.prompt, seq.root, make_generator(0), time.perf_counter(), use_cache=False, store=False)
+        ref = Seq(req, seq.prompt, seq.root, make_generator(0), time.perf_counter(), use_cache=False, write_cache=False)
         ref.capture_logits = True
 
         def compare(chunk: Chunk) -> None:
@@ -835,7 +835,7 @@ class Engine:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
-            seq = self.submit(Request(ids, max_new_tokens=0), use_cache=False, store=False)
+            seq = self.submit(Request(ids, max_new_tokens=0), use_cache=False, write_cache=False)
             if isinstance(seq, Result):
                 raise ValueError(f"cannot time a prefill of {n} tokens: {seq.error}")
             if not self.wait(seq).ok:  # failed fast (the engine closing): its time says nothing

@@ -14,7 +14,6 @@ the step's tables are one gather of the batch's rows.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence as Seq
 from typing import NamedTuple
 
 import torch
@@ -54,7 +53,7 @@ class ModelRunner:
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @torch.inference_mode()
-    def run(self, batch: Seq[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits [n, vocab] for the n requests of `batch` that get a new token, and those requests."""
         host = self._prepare(batch)
         inp = torch.tensor([host.ids], dtype=torch.long).to(self.device)
@@ -69,7 +68,7 @@ class ModelRunner:
             logits = logits[rows]
         return logits[: len(sampled)], sampled
 
-    def _prepare(self, batch: Seq[tuple[Sequence, int]]) -> _HostStep:
+    def _prepare(self, batch: list[tuple[Sequence, int]]) -> _HostStep:
         """Host lists of one step (O(new tokens)); syncs new table entries to the device array."""
         bs = self.block_size
         ids: list[int] = []

@@ -10,7 +10,7 @@ they are sampled.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence as Seq
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cache_store.counter_names import DEVICE, HOST, PEER
@@ -18,7 +18,7 @@ from worker.request import Result
 from worker.sequence import Chunk, Sequence
 
 
-def cut_at_stop(text: str, stops: Seq[str]) -> str | None:
+def cut_at_stop(text: str, stops: Iterable[str]) -> str | None:
     """`text` up to the first stop string, or None if none occurs."""
     cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
     return text[: min(cuts)] if cuts else None

@@ -41,7 +41,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._computing: Counter[BlockHash] = Counter()  # prompt blocks running requests are prefilling
-        self._plans: dict[int, tuple[int, list[BlockHash]]] = {}  # id(seq) -> (first block, blocks left)
+        self._prefill_blocks: dict[int, tuple[int, list[BlockHash]]] = {}  # id(seq) -> (first block, blocks left)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -74,7 +74,7 @@ class Scheduler:
             if self._would_duplicate(seq) and (self.running or self.waiting):
                 deferred.append(seq)  # checked before pinning: a deferred request holds nothing new
                 continue
-            device_hits = self.blocks.admit(seq)
+            device_hits = self.blocks.open_table(seq)
             n = min(seq.to_feed, budget)
             if not self.blocks.reserve(seq, n):
                 self.blocks.release(seq)
@@ -98,20 +98,20 @@ class Scheduler:
             seq.admitted = time.perf_counter()
         seq.status = Status.RUNNING
         self.running.append(seq)
-        if seq.store and seq.use_cache:
+        if seq.write_cache and seq.use_cache:
             first = seq.blocks.full
-            plan = seq.chain[first : len(seq.prompt) // self.blocks.block_size]
-            self._plans[id(seq)] = (first, plan)
-            self._computing.update(plan)
+            todo = seq.chain[first : len(seq.prompt) // self.blocks.block_size]
+            self._prefill_blocks[id(seq)] = (first, todo)
+            self._computing.update(todo)
 
     def committed(self, seq: Sequence) -> None:
         """After a step: blocks it finished are cached now, no longer 'being computed'."""
-        first, plan = self._plans.get(id(seq), (0, []))
+        first, todo = self._prefill_blocks.get(id(seq), (0, []))
         done = seq.blocks.full - first
-        if plan and done > 0:
-            self._computing.subtract(plan[:done])
+        if todo and done > 0:
+            self._computing.subtract(todo[:done])
             self._computing += Counter()  # drop zero counts
-            self._plans[id(seq)] = (first + done, plan[done:])
+            self._prefill_blocks[id(seq)] = (first + done, todo[done:])
 
     def _reserve(self, seq: Sequence, n: int, batch, preempted) -> tuple[bool, int]:
         """Blocks for seq's next n tokens, preempting the newest running requests as needed.
@@ -137,9 +137,9 @@ class Scheduler:
         """Take seq out of the running set and release its blocks (also used for cancelled and failed)."""
         if seq in self.running:
             self.running.remove(seq)
-        _, plan = self._plans.pop(id(seq), (0, []))
-        if plan:
-            self._computing.subtract(plan)
+        _, todo = self._prefill_blocks.pop(id(seq), (0, []))
+        if todo:
+            self._computing.subtract(todo)
             self._computing += Counter()
         self.blocks.release(seq)
         seq.status = Status.FINISHED

@@ -81,7 +81,7 @@ class Sequence:
     arrived: float  # perf_counter when the worker got the request
     sink: Sink | None = None  # called with each Chunk, from the engine's thread
     use_cache: bool = True  # False: match nothing (audit, reference runs)
-    store: bool = True  # False: adopt nothing into the cache
+    write_cache: bool = True  # False: adopt nothing into the cache (use_cache: read from it)
     capture_logits: bool = False  # keep the last prompt position's logits (tests, audit)
     audit: bool = False  # when it hit the cache, recompute it without and compare (engine audit)
     peer_hold: Hold | None = None  # blocks fetched from a peer before admission, pinned until then

@@ -321,7 +321,7 @@ def attention_modes(size: BatchSizes) -> dict[str, dict[str, float]]:
                 batch.append((engine.submit(Request(prompts(size, "cold", 1, seed=8)[0], max_new_tokens=1)), 0))
                 engine._reap()
                 extra = engine.scheduler.waiting.popleft()
-                engine.blocks.admit(extra)
+                engine.blocks.open_table(extra)
                 n = min(extra.to_feed, 128)
                 engine.blocks.reserve(extra, n)
                 batch[-1] = (extra, n)

@@ -55,7 +55,7 @@ def check_table(seq: Sequence) -> None:
 def test_fresh_request_fills_adopts_and_releases_everything():
     store, bm = make(8)
     seq = seq_of(list(range(10)))
-    bm.admit(seq)
+    bm.open_table(seq)
     assert seq.blocks.row >= 0 and len(seq.blocks) == 0 and seq.kv_len == 0
     assert bm.reserve(seq, 10) and len(seq.blocks) == 3 and store.working_blocks == 3
     bm.commit(seq, 10)
@@ -68,7 +68,7 @@ def test_fresh_request_fills_adopts_and_releases_everything():
     assert store.working_blocks == 0 and store.stats().device.pinned == 0 and seq.blocks.row == -1
     store.check_invariants()
     again = seq_of(list(range(10)))
-    bm.admit(again)
+    bm.open_table(again)
     assert again.blocks.row == row  # rows are reused
     assert again.kv_len == 8 and [e.owned for e in again.blocks.entries] == [False, False]
 
@@ -76,13 +76,13 @@ def test_fresh_request_fills_adopts_and_releases_everything():
 def test_whole_prompt_cached_copies_the_last_block_before_rewriting_it():
     store, bm = make(8)
     first = seq_of(list(range(8)))
-    bm.admit(first)
+    bm.open_table(first)
     bm.reserve(first, 8)
     bm.commit(first, 8)
     cached_slots = [e.slot for e in first.blocks.entries]
     bm.release(first)
     seq = seq_of(list(range(8)))
-    bm.admit(seq)
+    bm.open_table(seq)
     assert seq.kv_len == 7  # the last prompt token is always recomputed
     assert seq.blocks.pinned == 2 and seq.blocks.full == 2
     assert seq.blocks.entries[0].slot == cached_slots[0] and not seq.blocks.entries[0].owned
@@ -96,14 +96,14 @@ def test_whole_prompt_cached_copies_the_last_block_before_rewriting_it():
 def test_copy_on_write_without_a_free_slot_recomputes_the_block():
     store, bm = make(2)
     first = seq_of(list(range(8)))
-    bm.admit(first)
+    bm.open_table(first)
     bm.reserve(first, 8)
     bm.commit(first, 8)
     bm.release(first)
     holder = seq_of(list(range(8)))  # pins both cached blocks: the pool has no slot left to copy into
-    bm.admit(holder)
+    bm.open_table(holder)
     other = seq_of(list(range(8)))
-    bm.admit(other)
+    bm.open_table(other)
     assert other.kv_len == 4 and other.blocks.pinned == 1 and len(other.blocks) == 1
     check_table(other)
     for s in (holder, other):
@@ -115,7 +115,7 @@ def test_a_block_two_requests_compute_at_once_is_shared_and_the_copy_freed():
     store, bm = make(8)
     a, b = seq_of(list(range(4))), seq_of(list(range(4)))
     for s in (a, b):
-        bm.admit(s)
+        bm.open_table(s)
         bm.reserve(s, 4)
     bm.commit(a, 4)
     bm.commit(b, 4)
