@@ -192,6 +192,7 @@ class Engine:
         max_running: int | None = None,
         max_batch_tokens: int | None = None,
         attention: str = EngineConfig.attention,
+        linear: str = EngineConfig.linear,
         disk_cache_dir: str | None = None,
         disk_cache_gb: float = DISK_CACHE_GB,
     ) -> Engine:
@@ -203,6 +204,7 @@ class Engine:
         `max_running` / `max_batch_tokens`: batching limits (device defaults when None).
         `attention`: "auto" (the fastest built for the device), "cpu_kernel" or "sdpa" (see
         worker.paged_attention).
+        `linear`: "auto" (oneDNN-packed weights on CPU), "packed" or "plain" (see worker.linear).
         `disk_cache_dir`: a disk tier of `disk_cache_gb` in that directory (this engine's alone); an
         engine started again on it serves what it finds there (same model only).
         """
@@ -216,7 +218,7 @@ class Engine:
             disk_dir=None if disk_cache_dir is None else str(disk_cache_dir),
         )
         dev = resolve_device(device)
-        engine_config = EngineConfig(max_running, max_batch_tokens, attention)
+        engine_config = EngineConfig(max_running, max_batch_tokens, attention, linear)
         engine_config.check()
         loaded = load_model(model, dev, resolve_dtype(dtype, dev))
         index = MetadataIndex(redis_url, config) if redis_url else None
