@@ -7,19 +7,19 @@ its GEMMs read the whole model once and are bound by how the weights are laid ou
     [in, out] (same values, shape and state dict; only the strides change), so `F.linear` hands
     MKL a matrix it need not transpose: 1.4-1.8x faster per GEMM at 16 and 64 rows, the same at 1.
   - packed ("packed", the CPU default for float32 where torch has oneDNN): beside it, a copy
-    reordered once into oneDNN's blocked layout, used by every call of 2 rows or more. MKL's sgemm
-    re-packs the weight on every call; oneDNN's packed kernel does not, and it computes each row
-    with the same summation order whatever the number of rows (checked: a row's bits are the same
-    at 2 to 512 rows), so a request's linear layers give the same numbers alone, in any batch and
-    in a prefill of any length. At 1 row (a GEMV) MKL's plain layout reads fastest and is kept.
-    SmolLM2-135M's 30 layers + lm_head, 2 threads (BENCHMARKS.md, issue 19), plain vs packed:
-    27.3 vs 25.1 ms at 2 rows, 45.5 vs 29.6 at 8, 51.2 vs 35.5 at 16, 52.0 vs 46.0 at 32, 68.2 vs
-    70.8 at 64, 105.0 vs 110.4 at 128 (a long prefill chunk pays ~5% for that invariance). The
-    cost: a second copy of every weight in host memory.
+    reordered once into oneDNN's blocked layout, used by every call. MKL's sgemm re-packs the
+    weight on every call; oneDNN's packed kernel does not, and it computes each row with the same
+    summation order whatever the number of rows from 2 on (checked: a row's bits are the same at 2
+    to 2,049 rows). Its one-row kernel sums in another order where the input is wider than 1,024,
+    so a single row runs as two (the same cost: 10.0 vs 9.9 ms for the whole model on AMD EPYC).
+    So a request's linear layers give the same bits alone, in any batch and in a prefill of any
+    length. SmolLM2-135M's 30 layers + lm_head, 2 threads (BENCHMARKS.md, issue 19), MKL vs
+    packed: Intel Xeon 27.3 vs 25.1 ms at 2 rows, 45.5 vs 29.6 at 8, 51.2 vs 35.5 at 16, 68.2 vs
+    70.8 at 64; AMD EPYC 15.6 vs 9.9 at 1 row, 52.5 vs 20.3 at 16, 107.2 vs 47.9 at 64. The cost:
+    a second copy of every weight in host memory.
 
-One row through MKL and through oneDNN differ by ~1e-5 (summation order): a decode alone and the
-same decode in a batch can differ by that much, as they already did under MKL's own blocking. The
-exactness rules (invariant 1) are tested on this path.
+MKL and oneDNN differ by ~1e-5 per row (summation order); the exactness rules (invariant 1) are
+tested on both ("plain" is MKL alone).
 """
 
 from __future__ import annotations
@@ -74,14 +74,16 @@ def use_input_major_weights(model: torch.nn.Module) -> int:
 
 class PackedLinear(torch.nn.Linear):
     """`nn.Linear` with a oneDNN-packed copy of its weight (`packed`, not in the state dict) used
-    for 2 rows or more. Made only by `prepare_linears` (inference: no autograd)."""
+    for every call. Made only by `prepare_linears` (inference: no autograd)."""
 
     packed: torch.Tensor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows < 2 or x.requires_grad:
+        if x.requires_grad:
             return F.linear(x, self.weight, self.bias)
-        flat = x.reshape(rows, self.in_features).contiguous()
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        flat = x.reshape(rows, self.in_features)
+        if rows == 1:  # oneDNN's one-row kernel sums in another order (K > 1024): run it as two rows
+            flat = flat.expand(2, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, self.bias, "none", [], "")
+        return y[:rows].reshape(*x.shape[:-1], self.out_features)

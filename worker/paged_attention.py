@@ -16,9 +16,11 @@ keeps it. Requests never see each other's tokens.
 
 Backends (`Engine.info()["attention"]` names the one running):
   - "cpu_kernel": `worker.kernels`' C++ op, one call per layer for every
-    request with at most `KERNEL_MAX_QUERY` new tokens (decodes, short
-    suffixes after a cache hit); a longer prefill chunk is one SDPA call of
-    its own, where SDPA's matrix kernels beat a per-row loop (BENCHMARKS.md).
+    request, prefill chunks included (on 2 cores it beats SDPA with its
+    context copy at every chunk measured, 16 to 256 rows over 16 to 4k keys:
+    BENCHMARKS.md). A row's arithmetic depends only on its own query and
+    keys, so with the packed linear layers (`worker.linear`) a request's
+    bits are the same alone, in any batch and in any prefill chunking.
   - "triton" (CUDA): `worker.kernels.triton_paged`, one launch per layer for
     every request, prefill chunks included (tiles of 16 rows on tensor cores).
   - "sdpa": one SDPA call per request over a copy of its context; the
@@ -45,9 +47,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from worker.config import AttentionBackend, AttentionMode
 
 ATTN_NAME = "prefixcache_paged"
-# Query rows of one request above which its attention is one SDPA call rather than part of the kernel's
-# call: measured on 2 cores (smollm2, 500-token context) the kernel wins at 16 rows, SDPA from 64.
-KERNEL_MAX_QUERY = 32
 
 
 @dataclass(frozen=True)
@@ -74,15 +73,11 @@ class StepAttention:
         self._write_blocks = meta.write_slots // bs
         self._write_offsets = meta.write_slots % bs
         self._max_q = max(q_len for _, q_len, _ in meta.spans)
-        if backend == "triton":
-            self.alone = []
+        if backend in ("triton", "cpu_kernel"):
+            self.alone = []  # one kernel call per layer for the whole batch
             self.kernel_args = (meta.tables, meta.ctx_lens, meta.q_starts, meta.q_lens)
-        elif backend == "cpu_kernel":
-            long = [i for i, (_, q_len, _) in enumerate(meta.spans) if q_len > KERNEL_MAX_QUERY]
-            self.alone = long  # requests attended by SDPA on their own
-            self.kernel_args = _subset(meta, [i for i in range(len(meta.spans)) if i not in set(long)])
         else:
-            self.alone = list(range(len(meta.spans)))
+            self.alone = list(range(len(meta.spans)))  # SDPA, request by request
             self.kernel_args = None
         self._masks = {i: _causal_tail(meta.spans[i][1], meta.spans[i][2], pool.device) for i in self.alone}
 
@@ -124,16 +119,6 @@ class StepAttention:
         qq = q[:, :, q_start : q_start + q_len]
         gqa = q.shape[1] != kk.shape[1]
         return F.scaled_dot_product_attention(qq, kk, vv, attn_mask=self._masks[i], scale=scale, enable_gqa=gqa)
-
-
-def _subset(meta: StepMeta, rows: list[int]) -> tuple[torch.Tensor, ...] | None:
-    """The kernel's (tables, ctx_lens, q_starts, q_lens) for requests `rows` of the step."""
-    if not rows:
-        return None
-    if len(rows) == len(meta.spans):
-        return meta.tables, meta.ctx_lens, meta.q_starts, meta.q_lens
-    idx = torch.tensor(rows, dtype=torch.long, device=meta.tables.device)
-    return tuple(t.index_select(0, idx) for t in (meta.tables, meta.ctx_lens, meta.q_starts, meta.q_lens))
 
 
 def _context(tier: torch.Tensor, blocks: torch.Tensor, ctx: int) -> torch.Tensor:

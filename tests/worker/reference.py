@@ -45,8 +45,38 @@ def check_logits(engine, ids, expected_cached, cache_salt=None):
     _, ref_logits = reference(engine, ids, n_new=1)
     logits, by_tier = engine.prefill_logits(ids, cache_salt)
     assert sum(by_tier.values()) == expected_cached
-    assert torch.allclose(logits, ref_logits, atol=ATOL, rtol=0), (logits - ref_logits).abs().max()
+    assert_logits_close(engine, ids, logits, ref_logits)
     return by_tier
+
+
+def assert_logits_close(engine, ids, logits, ref_logits, what="") -> None:
+    """Invariant 1's float32 rule: within ATOL of plain transformers' last-position logits. Where
+    plain float32 is itself more than ATOL/2 from the exact (float64) forward, as on the demo model
+    at a few hundred tokens (1.6e-4 measured), an engine that sums attention in another order may
+    be as far on the other side: up to twice plain's own error. A wrong mask, position or block
+    moves logits by far more than either."""
+    diff = (logits - ref_logits).abs().max().item()
+    if diff <= ATOL:
+        return
+    err32 = (ref_logits.double() - float64_logits(engine, ids)).abs().max().item()
+    assert diff <= 2 * err32, (
+        f"{what}logits differ from plain transformers by {diff:.2e}: over {ATOL} and over twice plain "
+        f"float32's own error ({err32:.2e} from the float64 forward)"
+    )
+
+
+_FLOAT64: dict[int, torch.nn.Module] = {}
+
+
+@torch.no_grad()
+def float64_logits(engine, ids) -> torch.Tensor:
+    """Last-position logits of the engine's model computed in float64 (a copy of its weights)."""
+    model = engine.model
+    if id(model) not in _FLOAT64:
+        exact = type(model)(model.config)
+        exact.load_state_dict(model.state_dict())
+        _FLOAT64[id(model)] = exact.double().eval()
+    return _FLOAT64[id(model)](torch.tensor([ids])).logits[0, -1]
 
 
 def check_run(engine, ids, expected_cached, **req):

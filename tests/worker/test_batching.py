@@ -15,7 +15,7 @@ from worker.engine import Engine
 from worker.models import load_model
 from worker.request import ErrorKind, Request
 
-from .reference import ATOL, rand_ids, reference
+from .reference import assert_logits_close, rand_ids, reference
 
 BLOCK = 16
 
@@ -29,8 +29,13 @@ def engine_for(name, tiny_dirs, *, device_blocks=512, host_blocks=512, **batchin
     return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(**batching))
 
 
-def submit_all(engine, prompts, n_new=6, **req):
-    seqs = [engine.submit(Request(p, max_new_tokens=n_new, **req), capture_logits=True) for p in prompts]
+def submit_all(engine, prompts, n_new=6, use_cache=True, write_cache=True, **req):
+    seqs = [
+        engine.submit(
+            Request(p, max_new_tokens=n_new, **req), capture_logits=True, use_cache=use_cache, write_cache=write_cache
+        )
+        for p in prompts
+    ]
     for s in seqs:
         engine.wait(s)
     return seqs
@@ -41,8 +46,7 @@ def assert_exact(engine, seqs, n_new=6):
         ref_tokens, ref_logits = reference(engine, s.prompt, n_new)
         assert s.result.ok, s.result.error
         assert s.result.token_ids == ref_tokens, f"request {i}: tokens differ"
-        diff = (s.prompt_logits - ref_logits).abs().max()
-        assert diff <= ATOL, f"request {i}: logits differ by {diff}"
+        assert_logits_close(engine, s.prompt, s.prompt_logits, ref_logits, f"request {i}: ")
 
 
 def assert_nothing_held(engine):
@@ -224,6 +228,27 @@ def test_a_cancelled_request_fails_with_the_cancelled_kind(tiny_dirs):
     engine._step()
     assert seq.done.is_set() and not seq.result.ok
     assert seq.result.error_kind is ErrorKind.CANCELLED and seq.result.finish_reason == "cancelled"
+    assert_nothing_held(engine)
+
+
+@pytest.mark.parametrize("name", ["demo", "llama"])
+def test_on_cpu_a_request_gets_the_same_bits_alone_in_any_batch_and_from_the_cache(tiny_dirs, name):
+    """The CPU kernel attends every row on its own and the packed linear layers sum each row in one
+    order at any row count, so a request's logits are bit for bit the same alone, in a batch that
+    chunks its prefill differently, and with any cached prefix; "plain" MKL layers promise 1e-4."""
+    engine = engine_for(name, tiny_dirs, max_batch_tokens=48)
+    if engine.info()["attention"] != "cpu_kernel" or engine.info()["linear"] != "packed":
+        pytest.skip(f"needs the CPU kernel and oneDNN's packed layers, got {engine.info()}")
+    prompts = [rand_ids(n, seed=800 + n) for n in (1, 15, 16, 33, 70, 130)]
+    cold = submit_all(engine, prompts, use_cache=False, write_cache=False)
+    alone = [submit_all(engine, [p], use_cache=False, write_cache=False)[0] for p in prompts]
+    submit_all(engine, [p[: len(p) // 2 + 1] for p in prompts])  # cache prefixes of every length
+    warm = submit_all(engine, prompts)
+    assert sum(s.result.cached_tokens for s in warm) > 0
+    for i, (c, a, w) in enumerate(zip(cold, alone, warm)):
+        assert c.result.token_ids == a.result.token_ids == w.result.token_ids, f"request {i}"
+        assert torch.equal(c.prompt_logits, a.prompt_logits), f"request {i}: batched vs alone"
+        assert torch.equal(w.prompt_logits, a.prompt_logits), f"request {i}: cached vs alone"
     assert_nothing_held(engine)
 
 

@@ -23,17 +23,15 @@ def packed_model(seed=0):
 
 
 @needs_onednn
-def test_a_row_gets_the_same_bits_in_any_batch_of_two_or_more():
+def test_a_row_gets_the_same_bits_alone_and_in_any_batch():
     model, _ = packed_model()
     assert prepare_linears(model, "auto", torch.device("cpu"), torch.float32) == "packed"
     assert all(type(m) is PackedLinear for m in model)
     x = torch.randn(300, 576)
     with torch.inference_mode():
         full = model(x)
-        for start, rows in ((0, 2), (5, 7), (17, 33), (100, 64), (1, 199)):
+        for start, rows in ((0, 1), (3, 1), (0, 2), (5, 7), (17, 33), (100, 64), (1, 199)):
             assert torch.equal(model(x[start : start + rows]), full[start : start + rows]), (start, rows)
-        # one row takes MKL's GEMV: not the same bits, the same values to float32 rounding
-        torch.testing.assert_close(model(x[3:4]), full[3:4], rtol=1e-5, atol=1e-5)
         # 3-D inputs (batch, tokens, features), as the model's layers pass them
         assert torch.equal(model(x[:40].reshape(1, 40, 576)).reshape(40, 576), full[:40])
 

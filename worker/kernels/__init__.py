@@ -23,7 +23,9 @@ import torch
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast"]
+# -fopenmp: at::parallel_for is inline OpenMP, which compiles to one thread without it (measured:
+# the op ran 1.6x slower on 2 cores). Nothing links libgomp: its symbols resolve to torch's own.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 
 def _cpu_flags() -> str:

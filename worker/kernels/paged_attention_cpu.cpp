@@ -12,7 +12,7 @@
 // Query row i of a request with q_len rows sits at position ctx - q_len + i and sees keys
 // [0, ctx - q_len + i] (causal within the new tokens).
 //
-// Per (request, kv head) task: blocks are visited in order; for each, every query vector of the
+// Per (request, kv head, run of query rows) task: blocks are visited in order; for each, every query vector of the
 // head group (q_len rows x heads/kv_heads) scores the block's keys, then an online softmax folds the
 // block into a running (max, sum, accumulator): one rescale per block, not per key. Accumulation
 // is float32 whatever the pool's dtype.
@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -223,18 +224,23 @@ inline Avx512Task pick_avx512(int64_t D, int64_t R) {
 }
 #endif
 
+// One (request, kv head, run of query rows) of the call. A run of rows [lo, hi) of a request with
+// q_len rows and ctx keys is itself a request: hi - lo rows whose context ends at ctx - q_len + hi,
+// so splitting a long prefill into runs changes no row's keys, order or arithmetic.
 struct Task {
-  int64_t b, g;
+  int64_t b, g, q0, ql, ctx;
 };
+
+// Query rows per task: a long prefill is split so that both threads of a lone prefill have work.
+constexpr int64_t ROWS_PER_TASK = 32;
 
 template <typename scalar_t, typename qscalar_t>
 void attend_one(const Task& t, const at::Tensor& q, const at::Tensor& pool, int64_t layer,
-                const int32_t* tables, int64_t max_blocks, const int32_t* ctx_lens, const int32_t* q_starts,
-                const int32_t* q_lens, float scale, qscalar_t* out) {
+                const int32_t* tables, int64_t max_blocks, float scale, qscalar_t* out) {
   const int64_t heads = q.size(0), D = q.size(2);
   const int64_t kv_heads = pool.size(3), bs = pool.size(4);
   const int64_t group = heads / kv_heads;
-  const int64_t q0 = q_starts[t.b], ql = q_lens[t.b], ctx = ctx_lens[t.b];
+  const int64_t q0 = t.q0, ql = t.ql, ctx = t.ctx;
   const int64_t R = ql * group;  // query vectors of this task: row-major (row, head in group)
   if (R == 0) return;
   const int64_t sq_h = q.stride(0), sq_t = q.stride(1), sq_d = q.stride(2);
@@ -323,24 +329,27 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& pool
   std::vector<Task> tasks;
   tasks.reserve(B * kv_heads);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t g = 0; g < kv_heads; ++g) tasks.push_back({b, g});
-  // Prefill tasks first, largest first, so the threads' last tasks are small (a long prefill beside
-  // short decodes). Then decodes by (kv head, first block): requests sharing a prefix run back to
-  // back on a thread, so its blocks are read from memory once and from cache after. The order of
-  // tasks never changes a row's arithmetic (each task writes only its own rows).
+    for (int64_t lo = 0; lo < qlens[b]; lo += ROWS_PER_TASK) {
+      const int64_t hi = std::min<int64_t>(qlens[b], lo + ROWS_PER_TASK);
+      for (int64_t g = 0; g < kv_heads; ++g) tasks.push_back({b, g, starts[b] + lo, hi - lo, lens[b] - qlens[b] + hi});
+    }
+  // Threads take tasks one at a time, the most work first (a long prefill's runs before short
+  // decodes), so neither thread is left with a big task at the end. Decodes go by (kv head, first
+  // block): requests that share a prefix run back to back, reading its blocks from cache. The order
+  // of tasks never changes a row's arithmetic (each task writes only its own rows).
   auto key = [&](const Task& t) {
-    const int64_t ql = qlens[t.b];
-    return std::make_tuple(ql <= 1, ql > 1 ? -ql * lens[t.b] : 0, t.g, lens[t.b] > 0 ? tables[t.b * max_blocks] : -1);
+    return std::make_tuple(t.ql <= 1, -t.ql * t.ctx, t.g, t.ctx > 0 ? tables[t.b * max_blocks] : -1);
   };
   std::stable_sort(tasks.begin(), tasks.end(), [&](const Task& a, const Task& c) { return key(a) < key(c); });
+  const int64_t n = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next{0};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pool.scalar_type(), "paged_attention", [&] {
     using pool_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_q", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
-      at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i)
-          attend_one<pool_t, scalar_t>(tasks[i], q, pool, layer, tables, max_blocks, lens, starts, qlens,
-                                       static_cast<float>(scale), o);
+      at::parallel_for(0, std::min<int64_t>(n, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+        for (int64_t i; (i = next.fetch_add(1)) < n;)
+          attend_one<pool_t, scalar_t>(tasks[i], q, pool, layer, tables, max_blocks, static_cast<float>(scale), o);
       });
     });
   });
