@@ -59,3 +59,43 @@ def test_plain_leaves_nn_linear_and_a_mode_that_cannot_run_is_refused():
         prepare_linears(packed_model()[0], "packed", torch.device("meta"), torch.float32)
     with pytest.raises(ConfigError, match="linear must be one of"):
         EngineConfig(linear="fast").check()
+
+
+class Block(torch.nn.Module):
+    """A decoder block's linear layers under the names every supported model uses."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(576, n, bias=bias) for n in (576, 192, 192))
+        self.gate_proj, self.up_proj = (torch.nn.Linear(576, 1536, bias=False) for _ in range(2))
+        self.down_proj = torch.nn.Linear(1536, 576, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return q.sum(-1) + k.sum(-1) + v.sum(-1), self.down_proj(self.gate_proj(x) * self.up_proj(x))
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_siblings_give_each_layer_the_bits_of_its_own_gemm(bias):
+    """q/k/v and gate/up run as one GEMM each; every output equals that layer alone, packed, bit for
+    bit, whatever the rows, the order the members are called in, or a member called twice."""
+    torch.manual_seed(2)
+    fused, alone = Block(bias), Block(bias)
+    alone.load_state_dict(fused.state_dict())
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    assert prepare_linears(fused, "packed", torch.device("cpu"), torch.float32) == "packed"
+    for m in alone.modules():  # each layer packed on its own
+        if type(m) is torch.nn.Linear:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach().contiguous(), 16)
+            m.__class__ = PackedLinear
+    assert [type(m).__name__ for m in fused.children()] == ["FusedLinear"] * 5 + ["PackedLinear"]
+    assert all(torch.equal(fused.state_dict()[k], v) for k, v in before.items())
+    with torch.inference_mode():
+        for rows in (1, 2, 17, 100):
+            x = torch.randn(1, rows, 576)
+            for a, b in zip(fused(x), alone(x)):
+                assert torch.equal(a, b), rows
+            names = ("v_proj", "q_proj", "v_proj", "k_proj", "gate_proj", "up_proj", "gate_proj")
+            for name in names:  # another order, and v_proj / gate_proj twice on the same input
+                assert torch.equal(getattr(fused, name)(x), getattr(alone, name)(x)), (rows, name)
