@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -386,6 +387,13 @@ void write_kv(const at::Tensor& pool, int64_t layer, const at::Tensor& k, const 
           pool_t* dv = dk + s_kv;
           const scalar_t* sk = kd + h * k.stride(0) + t * k.stride(1);
           const scalar_t* sv = vd + h * v.stride(0) + t * v.stride(1);
+          if constexpr (std::is_same_v<pool_t, scalar_t>) {
+            if (k.stride(2) == 1 && v.stride(2) == 1) {  // the model's layout: one row copy each
+              std::memcpy(dk, sk, D * sizeof(pool_t));
+              std::memcpy(dv, sv, D * sizeof(pool_t));
+              continue;
+            }
+          }
           for (int64_t i = 0; i < D; ++i) {
             dk[i] = static_cast<pool_t>(sk[i * k.stride(2)]);
             dv[i] = static_cast<pool_t>(sv[i * v.stride(2)]);
