@@ -22,6 +22,7 @@ from worker.actor import NAMESPACE, worker_actor_name
 
 from .reference import greedy
 
+N = 96  # new tokens per request in the SIGKILL test: long enough that the kill lands mid-generation
 FAST = dict(lease_ttl_s=3.0, heartbeat_s=0.5, device_cache_gb=0.05, host_cache_gb=0.05)
 
 
@@ -32,15 +33,15 @@ def test_sigkilled_worker_requests_are_retried_elsewhere(ray_local):
             system = "Prefix served before and after the crash. " * 8
             first = c.generate([system + "warm"], max_new_tokens=2)[0]
             victim = first.worker_id
-            pid = ray.get(ray.get_actor(worker_actor_name("t-kill", victim), namespace=NAMESPACE).health.remote())[
-                "pid"
-            ]
+            victim_actor = ray.get_actor(worker_actor_name("t-kill", victim), namespace=NAMESPACE)
+            pid = ray.get(victim_actor.health.remote())["pid"]
             results = []
             thread = threading.Thread(
-                target=lambda: results.extend(c.generate([system + f"user {i}" for i in range(10)], max_new_tokens=48))
+                target=lambda: results.extend(c.generate([system + f"user {i}" for i in range(10)], max_new_tokens=N))
             )
             thread.start()
-            time.sleep(0.5)
+            # Kill it while it is serving some of them (a fixed sleep raced the engine: all done before the kill).
+            wait_for(lambda: ray.get(victim_actor.health.remote())["queue"] > 0, "requests on the victim", every=0.01)
             index = MetadataIndex(redis_srv.url, CacheConfig(service="t-kill"))
             chain = block_chain(root_hash(c.config["fingerprint"], None), list(system.encode()), 16)
             assert victim in {h.worker_id for h in index.holders(chain)}
@@ -57,7 +58,7 @@ def test_sigkilled_worker_requests_are_retried_elsewhere(ray_local):
             thread.join(timeout=180)
             assert len(results) == 10 and all(r.ok for r in results), [r.error for r in results]
             for i, r in enumerate(results):  # no request got another request's KV
-                assert r.token_ids == greedy(system + f"user {i}", 48), i
+                assert r.token_ids == greedy(system + f"user {i}", N), i
             retried = [r for r in results if r.extra["attempts"] > 1]
             assert retried and all(r.worker_id != victim for r in retried)
             assert c.stats()["router"]["retries"] >= len(retried)
