@@ -18,6 +18,9 @@ ATTENTION_MODES: tuple[AttentionMode, ...] = ("auto", "cpu_kernel", "triton", "s
 # How the linear layers' weights are laid out (see worker.linear, which reads these names).
 LinearMode = Literal["auto", "packed", "plain"]
 LINEAR_MODES: tuple[LinearMode, ...] = ("auto", "packed", "plain")
+# Which code runs the model's forward in a step (see worker.lean). "auto": the lean one where it applies.
+ForwardMode = Literal["auto", "lean", "transformers"]
+FORWARD_MODES: tuple[ForwardMode, ...] = ("auto", "lean", "transformers")
 
 # (max_running, max_batch_tokens) when not given. CPU: a step of 256 tokens keeps decode latency
 # near 0.1 s on 2 cores with the demo model while 32 requests share each forward; GPU: the usual
@@ -30,12 +33,14 @@ class EngineConfig:
     """max_running: requests in one batch (1 = one at a time, batch-independent bits).
     max_batch_tokens: tokens per forward (decodes + prefill chunks); bounds a step's time.
     attention: how each step attends (see worker.paged_attention).
-    linear: the linear layers' weight layout (see worker.linear; "packed" costs a second copy)."""
+    linear: the linear layers' weight layout (see worker.linear; "packed" costs a second copy).
+    forward: the lean Llama forward or the model's own (see worker.lean)."""
 
     max_running: int | None = None
     max_batch_tokens: int | None = None
     attention: AttentionMode = "auto"
     linear: LinearMode = "auto"
+    forward: ForwardMode = "auto"
 
     def resolved(self, device: torch.device) -> EngineConfig:
         running, tokens = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
@@ -61,3 +66,5 @@ class EngineConfig:
             raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.linear not in LINEAR_MODES:
             raise ConfigError(f"linear must be one of {LINEAR_MODES}, got {self.linear!r}")
+        if self.forward not in FORWARD_MODES:
+            raise ConfigError(f"forward must be one of {FORWARD_MODES}, got {self.forward!r}")

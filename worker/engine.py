@@ -40,6 +40,7 @@ from cache_store import (
     DISK_CACHE_GB,
     HOST_CACHE_GB,
     CacheConfig,
+    ConfigError,
     Counters,
     Exported,
     IndexUnavailable,
@@ -68,6 +69,7 @@ from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
+from worker.lean import LeanLlama
 from worker.linear import prepare_linears
 from worker.model_runner import ModelRunner
 from worker.models import (
@@ -144,6 +146,7 @@ class Engine:
             self.attention,
             rows=rows,
             max_blocks=max_blocks,
+            lean=self._lean(),
         )
         self.detok = Detokenizer(self.tokenizer)
         # end-of-sequence ids, masked while a request is below its min_tokens
@@ -193,6 +196,7 @@ class Engine:
         max_batch_tokens: int | None = None,
         attention: str = EngineConfig.attention,
         linear: str = EngineConfig.linear,
+        forward: str = EngineConfig.forward,
         disk_cache_dir: str | None = None,
         disk_cache_gb: float = DISK_CACHE_GB,
     ) -> Engine:
@@ -205,6 +209,8 @@ class Engine:
         `attention`: "auto" (the fastest built for the device), "cpu_kernel" or "sdpa" (see
         worker.paged_attention).
         `linear`: "auto" (oneDNN-packed weights on CPU), "packed" or "plain" (see worker.linear).
+        `forward`: "auto" (the lean Llama forward where it applies), "lean" or "transformers" (see
+        worker.lean).
         `disk_cache_dir`: a disk tier of `disk_cache_gb` in that directory (this engine's alone); an
         engine started again on it serves what it finds there (same model only).
         """
@@ -218,7 +224,7 @@ class Engine:
             disk_dir=None if disk_cache_dir is None else str(disk_cache_dir),
         )
         dev = resolve_device(device)
-        engine_config = EngineConfig(max_running, max_batch_tokens, attention, linear)
+        engine_config = EngineConfig(max_running, max_batch_tokens, attention, linear, forward)
         engine_config.check()
         loaded = load_model(model, dev, resolve_dtype(dtype, dev))
         index = MetadataIndex(redis_url, config) if redis_url else None
@@ -505,6 +511,7 @@ class Engine:
             "max_batch_tokens": self.config.max_batch_tokens,
             "attention": self.attention,
             "linear": self.linear,
+            "forward": "lean" if self.runner.lean is not None else "transformers",
             LeaseField.PREFILL_US_PER_TOKEN: round(self.costs.prefill_s_per_token * 1e6, 3),
             "disk_dir": self.store.config.disk_dir or "",
         }
@@ -553,6 +560,20 @@ class Engine:
         if self.index is not None:
             self.index.close()
         self.store.close()  # disk tier: writes what is queued, releases its directory
+
+    def _lean(self) -> LeanLlama | None:
+        """The lean forward (worker.lean) where the settings allow it and it applies; "lean" asked
+        for where it does not is an error that says why."""
+        if self.config.forward == "transformers":
+            return None
+        lean = LeanLlama.build(self.model, device=self.device, backend=self.attention, linear=self.linear)
+        if lean is None and self.config.forward == "lean":
+            raise ConfigError(
+                "forward='lean' needs a Llama-family model in float32 on CPU with attention 'cpu_kernel' and "
+                f"linear 'packed' (here: {type(self.model).__name__}, {self.dtype}, {self.device}, attention "
+                f"{self.attention!r}, linear {self.linear!r}); use 'auto' or 'transformers'"
+            )
+        return lean
 
     # ---- stepping ----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from worker.config import AttentionBackend
+from worker.lean import LeanLlama
 from worker.paged_attention import StepAttention, StepMeta, active_step
 from worker.sequence import Sequence
 
@@ -43,6 +44,7 @@ class ModelRunner:
         *,
         rows: int,
         max_blocks: int,
+        lean: LeanLlama | None = None,
     ):
         self.model = model
         self.pool = pool
@@ -51,6 +53,7 @@ class ModelRunner:
         self.backend = backend
         self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.lean = lean  # worker.lean's forward, where it applies; else the model's own
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
@@ -61,6 +64,8 @@ class ModelRunner:
         step = StepAttention(self.pool, self._step_meta(host), self.backend)
         rows = torch.tensor(host.keep or [len(host.ids) - 1], dtype=torch.long).to(self.device)
         sampled = host.sampled
+        if self.lean is not None:
+            return self.lean(inp[0], pos[0], step, rows)[: len(sampled)], sampled
         kw = {"logits_to_keep": rows} if self._keep_arg else {}
         with active_step(step):
             logits = self.model(input_ids=inp, position_ids=pos, use_cache=False, **kw).logits[0]

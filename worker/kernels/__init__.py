@@ -1,6 +1,7 @@
-"""Compiled kernels: the CPU paged attention op (`torch.ops.prefixcache.*`), built once per machine.
+"""Compiled kernels: the CPU ops `torch.ops.prefixcache.*` (paged attention, writing KV, and the
+elementwise parts of a decoder layer that `worker.lean` calls), built once per machine.
 
-`paged_attention_cpu.cpp` is compiled with torch's own C++ extension tooling (g++, ninja) the first
+The sources (`SOURCES`, with the header they share) are compiled with torch's own C++ extension tooling (g++, ninja) the first
 time it is needed, or ahead of time by `python -m worker.kernels` (the Makefile runs it at install),
 into torch's extension cache (`$TORCH_EXTENSIONS_DIR`, else ~/.cache/torch_extensions). The name carries a digest of the source, the torch
 version and this CPU's instruction-set flags, because the build uses `-march=native`: a machine
@@ -22,9 +23,12 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("paged_attention_cpu.cpp")
+_HERE = Path(__file__).parent
+SOURCES = (_HERE / "paged_attention_cpu.cpp", _HERE / "layer_ops_cpu.cpp")
+HEADERS = (_HERE / "simd.h",)
 # -fopenmp: at::parallel_for is inline OpenMP, which compiles to one thread without it (measured:
 # the op ran 1.6x slower on 2 cores). Nothing links libgomp: its symbols resolve to torch's own.
+OPS = ("paged_attention", "write_kv", "rms_norm", "add_rms_norm", "rope", "silu_mul")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 
@@ -40,7 +44,8 @@ def _cpu_flags() -> str:
 
 def build_name() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
+    files = [p.read_bytes() for p in (*SOURCES, *HEADERS)]
+    for part in (*files, torch.__version__.encode(), _cpu_flags().encode(), " ".join(FLAGS).encode()):
         digest.update(part)
     return f"prefixcache_kernels_{digest.hexdigest()[:12]}"
 
@@ -68,7 +73,7 @@ def load() -> bool:
     try:
         cpp_extension.load(
             name=build_name(),
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=FLAGS,
             is_python_module=False,
             verbose=bool(os.environ.get("PREFIXCACHE_KERNEL_VERBOSE")),
@@ -76,4 +81,4 @@ def load() -> bool:
     except Exception as e:  # no compiler, no ninja, a build error: serve without the kernel
         log.warning("the CPU paged attention kernel could not be built (%s); attention falls back to SDPA", e)
         return False
-    return hasattr(torch.ops.prefixcache, "paged_attention")
+    return all(hasattr(torch.ops.prefixcache, op) for op in OPS)
