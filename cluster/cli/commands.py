@@ -117,6 +117,7 @@ def start(args) -> int:
         max_batch_tokens=args.max_batch_tokens,
         attention=args.attention,
         linear=args.linear,
+        forward=args.forward,
         detached=True,
     )
     with _ray(args.address) as ray, stop_on_sigterm():  # a SIGTERM mid-start undoes what was started

@@ -31,7 +31,7 @@ from cluster.bench import PARTS as BENCH_PARTS
 from cluster.release import DASHBOARD_PORT, HTTP_PORT
 from cluster.routing.policies import POLICIES as ROUTING_POLICIES
 from cluster.service.spec import ServiceSpec
-from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, LINEAR_MODES
+from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, FORWARD_MODES, LINEAR_MODES
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 DEMO_DISK_GB = 1.0  # the demo's disk tier per worker: enough for its chats, small enough for a laptop
@@ -236,6 +236,13 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
         choices=LINEAR_MODES,
         help="linear weight layout: auto (default) packs a oneDNN copy of the weights on CPU for float32 "
         "(faster batched steps, batch-independent rows; twice the weight memory); plain keeps one copy",
+    )
+    p.add_argument(
+        "--forward",
+        default=ServiceSpec.forward,
+        choices=FORWARD_MODES,
+        help="forward code: auto (default) runs the lean Llama/Mistral/Qwen2 forward on CPU where it applies "
+        "(fused layer ops, about 10 per layer), else the model's own; transformers always runs the model's own",
     )
 
 

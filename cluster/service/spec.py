@@ -59,6 +59,7 @@ class ServiceSpec:
     max_batch_tokens: int | None = None  # tokens per forward on each worker (None: the device's default)
     attention: str = EngineConfig.attention  # how each worker's steps attend (worker.config.ATTENTION_MODES)
     linear: str = EngineConfig.linear  # the workers' linear weight layout (worker.config.LINEAR_MODES)
+    forward: str = EngineConfig.forward  # the workers' forward code (worker.config.FORWARD_MODES)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.service):
@@ -113,6 +114,7 @@ class ServiceSpec:
             max_batch_tokens=self.max_batch_tokens,
             attention=self.attention,
             linear=self.linear,
+            forward=self.forward,
         )
 
     def to_dict(self) -> dict:

@@ -24,6 +24,7 @@ def test_start_defaults_are_the_service_defaults():
         "max_batch_tokens",
         "attention",
         "linear",
+        "forward",
         "workers",
         "model",
         "cpus_per_worker",
@@ -65,6 +66,18 @@ def test_every_linear_mode_is_a_choice_and_reaches_the_engine_config():
     assert ServiceSpec(linear="plain").engine_config().linear == "plain"
     with pytest.raises(ConfigError, match="linear must be one of"):
         ServiceSpec(linear="fast")
+
+
+def test_every_forward_mode_is_a_choice_and_reaches_the_engine_config():
+    from cache_store import ConfigError
+    from worker.config import FORWARD_MODES
+
+    parser = build_parser()
+    assert [parser.parse_args(["start", "--forward", m]).forward for m in FORWARD_MODES] == list(FORWARD_MODES)
+    assert main(["start", "--forward", "fast"]) == 2
+    assert ServiceSpec(forward="transformers").engine_config().forward == "transformers"
+    with pytest.raises(ConfigError, match="forward must be one of"):
+        ServiceSpec(forward="fast")
 
 
 def test_every_registered_routing_policy_is_a_choice():
