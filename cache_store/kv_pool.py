@@ -48,7 +48,18 @@ class KVPool:
     a bug and raises. Not thread-safe (TieredStore serializes).
     """
 
-    def __init__(self, shape: KVShape, capacity_blocks: int, device: torch.device | str, *, pin_memory: bool = False):
+    def __init__(
+        self,
+        shape: KVShape,
+        capacity_blocks: int,
+        device: torch.device | str,
+        *,
+        pin_memory: bool = False,
+        prefault: bool = False,
+    ):
+        """`prefault` (CPU): touch every page now. A CPU step writes new KV straight into the pool,
+        and a block never written before would take its page faults inside the step (measured:
+        ~240 us per layer for 256 new tokens of SmolLM2, 7 ms a step)."""
         if capacity_blocks < 0:
             raise ConfigError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
         self.shape = shape
@@ -60,12 +71,22 @@ class KVPool:
             device=self.device,
             pin_memory=pin_memory and self.device.type == "cpu",
         )
+        if prefault and self.device.type == "cpu":
+            self.data.zero_()
         self._free: list[int] = list(range(capacity_blocks - 1, -1, -1))
         self._used = bytearray(capacity_blocks)
 
     @classmethod
-    def from_budget(cls, shape: KVShape, budget_bytes: int, device: torch.device | str, *, pin_memory: bool = False):
-        return cls(shape, budget_bytes // shape.block_bytes, device, pin_memory=pin_memory)
+    def from_budget(
+        cls,
+        shape: KVShape,
+        budget_bytes: int,
+        device: torch.device | str,
+        *,
+        pin_memory: bool = False,
+        prefault: bool = False,
+    ):
+        return cls(shape, budget_bytes // shape.block_bytes, device, pin_memory=pin_memory, prefault=prefault)
 
     @property
     def free_count(self) -> int:

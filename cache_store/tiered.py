@@ -143,7 +143,10 @@ class TieredStore:
         self.config = config
         self.shape = shape
         self.device = torch.device(device)
-        self.device_pool = KVPool.from_budget(shape, config.device_bytes, self.device)
+        # on CPU the steps write into the device pool: its pages are faulted in here, not mid-step
+        self.device_pool = KVPool.from_budget(
+            shape, config.device_bytes, self.device, prefault=self.device.type == "cpu"
+        )
         if self.device_pool.capacity == 0:
             raise ValueError(
                 f"device_bytes={config.device_bytes} holds no block of {shape.block_bytes} bytes; "
