@@ -696,11 +696,11 @@ class Engine:
         if req.max_new_tokens == 0:
             return self._end(seq, "length")
         early = len(seq.out) < req.min_tokens
-        if early and len(self._eos_list):
-            logits = logits.index_fill(0, self._eos_list, float("-inf"))
-        if req.temperature < GREEDY_BELOW and not early:
-            tok = top
+        if req.temperature < GREEDY_BELOW and (not early or top not in self.loaded.eos_ids):
+            tok = top  # masking end-of-sequence ids cannot move an argmax that is none of them
         else:
+            if early and len(self._eos_list):
+                logits = logits.index_fill(0, self._eos_list, float("-inf"))
             tok = next_token(logits, req.temperature, req.top_k, req.top_p, seq.generator)
         seq.out.append(tok)
         seq.mark_first_token()
