@@ -238,7 +238,8 @@ void attend_one(const Task& t, const at::Tensor& q, const at::Tensor& pool, int6
   if (R == 0) return;
   const int64_t sq_h = q.stride(0), sq_t = q.stride(1), sq_d = q.stride(2);
   const qscalar_t* qd = q.data_ptr<qscalar_t>();
-  std::vector<float> qv(R * D), acc(R * D, 0.f), m(R, -std::numeric_limits<float>::infinity()), l(R, 0.f);
+  thread_local std::vector<float> qv;  // per thread, grown once: no allocation per task
+  qv.resize(R * D);
   for (int64_t r = 0; r < ql; ++r)
     for (int64_t j = 0; j < group; ++j) {
       const qscalar_t* src = qd + (t.g * group + j) * sq_h + (q0 + r) * sq_t;
@@ -251,7 +252,8 @@ void attend_one(const Task& t, const at::Tensor& q, const at::Tensor& pool, int6
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<qscalar_t, float>) {
     if (D == 64 || D == 128) {
-      std::vector<float*> outs(R);
+      thread_local std::vector<float*> outs;
+      outs.resize(R);
       for (int64_t r = 0; r < ql; ++r)
         for (int64_t j = 0; j < group; ++j) outs[r * group + j] = out + ((q0 + r) * heads + t.g * group + j) * D;
       const auto run = pick_avx512(D, R);
@@ -260,7 +262,7 @@ void attend_one(const Task& t, const at::Tensor& q, const at::Tensor& pool, int6
     }
   }
 #endif
-  std::vector<float> s(bs);
+  std::vector<float> s(bs), acc(R * D, 0.f), m(R, -std::numeric_limits<float>::infinity()), l(R, 0.f);
   const int64_t n_blocks = (ctx + bs - 1) / bs;
   for (int64_t bi = 0; bi < n_blocks; ++bi) {
     const scalar_t* kb = base + table[bi] * s_blk + layer * s_layer + t.g * s_head;
