@@ -94,8 +94,13 @@ inline __m512 scores(const float* q, const float* k, int n_keys) {
 // with accumulators in registers. `visible[r]` = keys of the current 16-key chunk vector r sees.
 template <int NV, int RT>
 struct Tile {
+  // A row's running max moves only when a score passes it by more than this (natural log units):
+  // in between, exp(score - max) <= e^8, far from float32's range, and a chunk needs one compare
+  // instead of a horizontal max. Its sum stays lane-wise until the end (one horizontal add per row).
+  static constexpr float kSlack = 8.f;
   __m512 acc[RT][NV];
-  float m[RT], l[RT];
+  __m512 l[RT];  // lane-wise sums of exp(score - m)
+  float m[RT];
   const float* q[RT];
   int rows;
 
@@ -104,7 +109,7 @@ struct Tile {
     for (int r = 0; r < RT; ++r) {
       q[r] = qs[r < n ? r : 0];
       m[r] = -std::numeric_limits<float>::infinity();
-      l[r] = 0.f;
+      l[r] = _mm512_setzero_ps();
 #pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
     }
@@ -119,21 +124,22 @@ struct Tile {
 #pragma GCC unroll 8
     for (int r = 0; r < RT; ++r) {
       const __mmask16 live = visible[r] >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << visible[r]) - 1u);
-      const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, sr[r]);
       if (!live) {
         p[r] = _mm512_setzero_ps();
         continue;
       }
-      const float m_new = std::max(m[r], _mm512_reduce_max_ps(sv));
-      const float alpha = m_new == m[r] ? 1.f : std::exp(m[r] - m_new);  // exp(0) is exactly 1: no libm call
-      p[r] = _mm512_maskz_mov_ps(live, exp_neg(_mm512_sub_ps(sv, _mm512_set1_ps(m_new))));
-      l[r] = l[r] * alpha + _mm512_reduce_add_ps(p[r]);
-      m[r] = m_new;
-      if (alpha != 1.f) {
+      if (_mm512_mask_cmp_ps_mask(live, sr[r], _mm512_set1_ps(m[r] + kSlack), _CMP_GT_OQ)) {
+        const __m512 sv = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), live, sr[r]);
+        const float m_new = _mm512_reduce_max_ps(sv);  // > m[r] + kSlack
+        const float alpha = std::exp(m[r] - m_new);    // 0 on a row's first keys (m = -inf)
         const __m512 a = _mm512_set1_ps(alpha);
+        l[r] = _mm512_mul_ps(l[r], a);
 #pragma GCC unroll 16
         for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_mul_ps(acc[r][j], a);
+        m[r] = m_new;
       }
+      p[r] = _mm512_maskz_mov_ps(live, exp_neg(_mm512_sub_ps(sr[r], _mm512_set1_ps(m[r]))));
+      l[r] = _mm512_add_ps(l[r], p[r]);
     }
     alignas(64) float pw[RT][16];
 #pragma GCC unroll 8
@@ -153,7 +159,7 @@ struct Tile {
 
   void finish(float* const* outs) {
     for (int r = 0; r < rows; ++r) {
-      const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+      const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
 #pragma GCC unroll 16
       for (int j = 0; j < NV; ++j) _mm512_storeu_ps(outs[r] + j * 16, _mm512_mul_ps(acc[r][j], inv));
     }

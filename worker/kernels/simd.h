@@ -4,7 +4,8 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-// exp for x <= 0 (Cephes' expf polynomial, range-reduced by powers of two): ~1 ulp, no libm call.
+// exp for x <= 88 (Cephes' expf polynomial, range-reduced by powers of two; x below -87 is taken as -87,
+// e^-87 ~ 1.6e-38): ~1 ulp, no libm call.
 inline __m512 exp_neg(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
