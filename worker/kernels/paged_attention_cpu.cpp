@@ -14,8 +14,9 @@
 //
 // Per (request, kv head, run of query rows) task: blocks are visited in order; for each, every query vector of the
 // head group (q_len rows x heads/kv_heads) scores the block's keys, then an online softmax folds the
-// block into a running (max, sum, accumulator): one rescale per block, not per key. Accumulation
-// is float32 whatever the pool's dtype.
+// block into a running (max, sum, accumulator). The max moves only when a score passes it by more
+// than a slack (AVX-512 path: `Tile::kSlack`), so most blocks need no rescale and no horizontal
+// max. Accumulation is float32 whatever the pool's dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
