@@ -146,7 +146,7 @@ def test_stream_through_the_router_and_a_dropped_stream_frees_its_blocks(cluster
     assert result.cached_tokens > 0  # the first call cached the prompt
 
     before = cancelled_on_workers(cluster)
-    it = cluster.stream(prompt + " A long answer, please.", max_new_tokens=2000)
+    it = cluster.stream(prompt + " A long answer, please.", max_new_tokens=2000, ignore_eos=True)
     next(it)
     it.close()  # the client went away: the worker cancels the request
     wait_cancelled(cluster, before + 1)
