@@ -192,8 +192,10 @@ void attend_one_avx512(int64_t b, int64_t g, const float* qv, int64_t ql, int64_
         const int64_t row = (x0 + (r < n ? r : 0)) / group;
         visible[r] = static_cast<int>(std::clamp<int64_t>(ctx - ql + row + 1 - first, 0, n_keys));
       }
-      const int64_t next = first + n_keys;  // the next chunk's block: fetch it while this one is scored
-      if (next < keys) {
+      // The first tile fetches the next chunk's keys and values while it scores this one; later
+      // tiles of the task find them in cache (prefetching again only costs load slots).
+      const int64_t next = first + n_keys;
+      if (x0 == 0 && next < keys) {
         const float* kn = base + table[next / bs] * s_blk + layer * s_layer + g * s_head + (next % bs) * D;
         const int64_t lines = std::min<int64_t>({16, bs - next % bs, keys - next}) * D / 16;  // 64-byte lines
         for (int64_t i = 0; i < lines; ++i) {
