@@ -77,16 +77,9 @@ class KVPool:
         self._used = bytearray(capacity_blocks)
 
     @classmethod
-    def from_budget(
-        cls,
-        shape: KVShape,
-        budget_bytes: int,
-        device: torch.device | str,
-        *,
-        pin_memory: bool = False,
-        prefault: bool = False,
-    ):
-        return cls(shape, budget_bytes // shape.block_bytes, device, pin_memory=pin_memory, prefault=prefault)
+    def from_budget(cls, shape: KVShape, budget_bytes: int, device: torch.device | str, **options):
+        """As many blocks as `budget_bytes` holds; `options` as for the constructor."""
+        return cls(shape, budget_bytes // shape.block_bytes, device, **options)
 
     @property
     def free_count(self) -> int:

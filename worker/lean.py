@@ -81,7 +81,6 @@ class LeanLlama:
     place (nothing is copied)."""
 
     def __init__(self, model, layers: list[_Layer], final_norm: torch.Tensor, eps: float, shapes: tuple[int, int, int]):
-        self.model = model
         self.embed = model.model.embed_tokens
         self.rotary = model.model.rotary_emb
         self.lm_head = model.lm_head
@@ -144,6 +143,7 @@ class LeanLlama:
         cos, sin = cos[0].contiguous(), sin[0].contiguous()
         h = torch.empty_like(x)
         OPS.rms_norm(h, x, self.layers[0].norm_in, self.eps)
+        act = None  # [T, intermediate]: the MLP's activation, one buffer for every layer
         pending = None  # the last MLP's output, added to x by the next add_rms_norm
         for layer in self.layers:
             if pending is not None:
@@ -159,7 +159,8 @@ class LeanLlama:
             o = _packed_linear(attn.view(T, H * D), *layer.o)
             OPS.add_rms_norm(h, x, o, layer.norm_post, self.eps)
             gate_up = _packed_linear(h, *layer.gate_up)
-            act = torch.empty((T, gate_up.shape[1] // 2), dtype=x.dtype)
+            if act is None:
+                act = torch.empty((T, gate_up.shape[1] // 2), dtype=x.dtype)
             OPS.silu_mul(act, gate_up)
             pending = _packed_linear(act, *layer.down)
         last = torch.empty((rows.shape[0], x.shape[1]), dtype=x.dtype)

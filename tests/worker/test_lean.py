@@ -110,8 +110,8 @@ def test_the_lean_forward_gives_the_models_own_tokens_and_logits(tiny_dirs, name
         prompts = [rand_ids(n, seed=n) for n in (1, 9, 40, 130)]
         got = lean.generate(prompts, max_new_tokens=8)
         assert [r.token_ids for r in got] == [r.token_ids for r in own.generate(prompts, max_new_tokens=8)]
-        for ids in prompts:
-            assert tuple(got[prompts.index(ids)].token_ids[:6]) == reference(lean, ids)[0]
+        for ids, result in zip(prompts, got):
+            assert tuple(result.token_ids[:6]) == reference(lean, ids)[0]
             logits, _ = lean.prefill_logits(ids)
             assert_logits_close(lean, ids, logits, reference(lean, ids, n_new=1)[1])
     finally:
