@@ -69,6 +69,7 @@ from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
+from worker.lean import FAMILIES as LEAN_FAMILIES
 from worker.lean import LeanLlama
 from worker.linear import prepare_linears
 from worker.model_runner import ModelRunner
@@ -569,8 +570,8 @@ class Engine:
         lean = LeanLlama.build(self.model, device=self.device, backend=self.attention, linear=self.linear)
         if lean is None and self.config.forward == "lean":
             raise ConfigError(
-                "forward='lean' needs a Llama-family model in float32 on CPU with attention 'cpu_kernel' and "
-                f"linear 'packed' (here: {type(self.model).__name__}, {self.dtype}, {self.device}, attention "
+                f"forward='lean' needs a {'/'.join(LEAN_FAMILIES)} model in float32 on CPU with attention "
+                f"'cpu_kernel' and linear 'packed' (here: {type(self.model).__name__}, {self.dtype}, {self.device}, attention "
                 f"{self.attention!r}, linear {self.linear!r}); use 'auto' or 'transformers'"
             )
         return lean
