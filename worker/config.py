@@ -16,8 +16,8 @@ AttentionBackend = Literal["cpu_kernel", "triton", "sdpa"]
 AttentionMode = Literal["auto", "cpu_kernel", "triton", "sdpa"]
 ATTENTION_MODES: tuple[AttentionMode, ...] = ("auto", "cpu_kernel", "triton", "sdpa")
 # How the linear layers' weights are laid out (see worker.linear, which reads these names).
-LinearMode = Literal["auto", "packed", "plain"]
-LINEAR_MODES: tuple[LinearMode, ...] = ("auto", "packed", "plain")
+LinearMode = Literal["auto", "kernel", "packed", "plain"]
+LINEAR_MODES: tuple[LinearMode, ...] = ("auto", "kernel", "packed", "plain")
 # Which code runs the model's forward in a step (see worker.lean). "auto": the lean one where it applies.
 ForwardMode = Literal["auto", "lean", "transformers"]
 FORWARD_MODES: tuple[ForwardMode, ...] = ("auto", "lean", "transformers")
@@ -33,7 +33,7 @@ class EngineConfig:
     """max_running: requests in one batch (1 = one at a time, batch-independent bits).
     max_batch_tokens: tokens per forward (decodes + prefill chunks); bounds a step's time.
     attention: how each step attends (see worker.paged_attention).
-    linear: the linear layers' weight layout (see worker.linear; "packed" costs a second copy).
+    linear: the linear layers' weight layout (see worker.linear; "kernel" and "packed" cost a second copy).
     forward: the lean Llama forward or the model's own (see worker.lean)."""
 
     max_running: int | None = None

@@ -209,7 +209,8 @@ class Engine:
         `max_running` / `max_batch_tokens`: batching limits (device defaults when None).
         `attention`: "auto" (the fastest built for the device), "cpu_kernel" or "sdpa" (see
         worker.paged_attention).
-        `linear`: "auto" (oneDNN-packed weights on CPU), "packed" or "plain" (see worker.linear).
+        `linear`: "auto" (our GEMM's packed weights on CPU), "kernel", "packed" (oneDNN) or "plain"
+        (see worker.linear).
         `forward`: "auto" (the lean Llama forward where it applies), "lean" or "transformers" (see
         worker.lean).
         `disk_cache_dir`: a disk tier of `disk_cache_gb` in that directory (this engine's alone); an
@@ -571,7 +572,7 @@ class Engine:
         if lean is None and self.config.forward == "lean":
             raise ConfigError(
                 f"forward='lean' needs a {'/'.join(LEAN_FAMILIES)} model in float32 on CPU with attention "
-                f"'cpu_kernel' and linear 'packed' (here: {type(self.model).__name__}, {self.dtype}, {self.device}, attention "
+                f"'cpu_kernel' and linear 'kernel' or 'packed' (here: {type(self.model).__name__}, {self.dtype}, {self.device}, attention "
                 f"{self.attention!r}, linear {self.linear!r}); use 'auto' or 'transformers'"
             )
         return lean

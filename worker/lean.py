@@ -26,7 +26,7 @@ transformers path by ~1e-6 (tests/worker/test_lean.py compares them).
 Used only where every piece is as expected (`LeanLlama.build` returns None otherwise, and the
 engine runs the model's own forward): a model type of `FAMILIES` (their decoder layers are the
 same code: Qwen2 adds q/k/v biases, which the fused GEMM carries), SiLU MLP, float32 on CPU, the
-paged CPU attention kernel and packed linear layers. `Engine.info()["forward"]` says
+paged CPU attention kernel and packed linear layers (either kind). `Engine.info()["forward"]` says
 which runs.
 """
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.linear import FusedLinear, PackedLinear, _packed_linear
+from worker.linear import PACKED_KINDS, FusedLinear, PackedLinear, PackedWeight
 from worker.paged_attention import StepAttention
 
 OPS = torch.ops.prefixcache
@@ -53,13 +53,13 @@ class _Layer:
     index: int
     norm_in: torch.Tensor  # [hidden]
     norm_post: torch.Tensor
-    qkv: tuple[torch.Tensor, torch.Tensor | None, int]  # (packed weight, bias, out features)
-    o: tuple[torch.Tensor, torch.Tensor | None, int]
-    gate_up: tuple[torch.Tensor, torch.Tensor | None, int]
-    down: tuple[torch.Tensor, torch.Tensor | None, int]
+    qkv: PackedWeight
+    o: PackedWeight
+    gate_up: PackedWeight
+    down: PackedWeight
 
 
-def _group(first: torch.nn.Module, names: tuple[str, ...], parent) -> tuple | None:
+def _group(first: torch.nn.Module, names: tuple[str, ...], parent) -> PackedWeight | None:
     """The packed GEMM of a fused sibling group whose members are `names`, in that order."""
     if not isinstance(first, FusedLinear):
         return None
@@ -69,11 +69,11 @@ def _group(first: torch.nn.Module, names: tuple[str, ...], parent) -> tuple | No
         return None
     if [m.index for m in members] != list(range(len(names))) or len(group.widths) != len(names):
         return None
-    return group.packed, group.bias, sum(group.widths)
+    return group.packed
 
 
-def _single(m: torch.nn.Module) -> tuple | None:
-    return (m.packed, m.bias, m.out_features) if isinstance(m, PackedLinear) else None
+def _single(m: torch.nn.Module) -> PackedWeight | None:
+    return m.packed if isinstance(m, PackedLinear) else None
 
 
 class LeanLlama:
@@ -95,7 +95,7 @@ class LeanLlama:
         """The lean forward for `model`, or None where it does not apply (the engine then runs the
         model's own forward)."""
         cfg = model.config
-        if device.type != "cpu" or backend != "cpu_kernel" or linear != "packed":
+        if device.type != "cpu" or backend != "cpu_kernel" or linear not in PACKED_KINDS:
             return None
         lm_class, norm_class = FAMILIES.get(getattr(cfg, "model_type", None), (None, None))
         if type(model).__name__ != lm_class or getattr(cfg, "hidden_act", None) != "silu":
@@ -129,7 +129,7 @@ class LeanLlama:
             return None
         attn = model.model.layers[0].self_attn
         shapes = (cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim)
-        if shapes[0] * shapes[2] != layers[0].qkv[2] - 2 * shapes[1] * shapes[2]:
+        if shapes[0] * shapes[2] != layers[0].qkv.out_features - 2 * shapes[1] * shapes[2]:
             return None
         return cls(model, layers, final.weight, eps, shapes)
 
@@ -148,7 +148,7 @@ class LeanLlama:
         for layer in self.layers:
             if pending is not None:
                 OPS.add_rms_norm(h, x, pending, layer.norm_in, self.eps)
-            qkv = _packed_linear(h, *layer.qkv)  # [T, (H + 2 KV) D]
+            qkv = layer.qkv(h)  # [T, (H + 2 KV) D]
             q = qkv[:, : H * D].view(T, H, D)
             k = qkv[:, H * D : (H + KV) * D].view(T, KV, D)
             v = qkv[:, (H + KV) * D :].view(T, KV, D)
@@ -156,13 +156,13 @@ class LeanLlama:
             attn = step.attend(
                 layer.index, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], self.scale
             )
-            o = _packed_linear(attn.view(T, H * D), *layer.o)
+            o = layer.o(attn.view(T, H * D))
             OPS.add_rms_norm(h, x, o, layer.norm_post, self.eps)
-            gate_up = _packed_linear(h, *layer.gate_up)
+            gate_up = layer.gate_up(h)
             if act is None:
                 act = torch.empty((T, gate_up.shape[1] // 2), dtype=x.dtype)
             OPS.silu_mul(act, gate_up)
-            pending = _packed_linear(act, *layer.down)
+            pending = layer.down(act)
         last = torch.empty((rows.shape[0], x.shape[1]), dtype=x.dtype)
         picked = x.index_select(0, rows)
         OPS.add_rms_norm(last, picked, pending.index_select(0, rows), self.final_norm, self.eps)

@@ -234,8 +234,9 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
         "--linear",
         default=ServiceSpec.linear,
         choices=LINEAR_MODES,
-        help="linear weight layout: auto (default) packs a oneDNN copy of the weights on CPU for float32 "
-        "(faster batched steps, batch-independent rows; twice the weight memory); plain keeps one copy",
+        help="linear weight layout: auto (default) packs a copy of the weights on CPU for float32, for our "
+        "GEMM (kernel, with AVX-512) else oneDNN's (packed): faster batched steps, batch-independent rows, "
+        "twice the weight memory; plain keeps one copy",
     )
     p.add_argument(
         "--forward",

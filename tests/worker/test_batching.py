@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from cache_store import CacheConfig, KVShape
+from worker import kernels
 from worker.config import EngineConfig
 from worker.engine import Engine
+from worker.linear import kernel_available, packed_available
 from worker.models import load_model
 from worker.request import ErrorKind, Request
 
@@ -232,13 +234,16 @@ def test_a_cancelled_request_fails_with_the_cancelled_kind(tiny_dirs):
 
 
 @pytest.mark.parametrize("name", ["demo", "llama"])
-def test_on_cpu_a_request_gets_the_same_bits_alone_in_any_batch_and_from_the_cache(tiny_dirs, name):
-    """The CPU kernel attends every row on its own and the packed linear layers sum each row in one
-    order at any row count, so a request's logits are bit for bit the same alone, in a batch that
-    chunks its prefill differently, and with any cached prefix; "plain" MKL layers promise 1e-4."""
-    engine = engine_for(name, tiny_dirs, max_batch_tokens=48)
-    if engine.info()["attention"] != "cpu_kernel" or engine.info()["linear"] != "packed":
-        pytest.skip(f"needs the CPU kernel and oneDNN's packed layers, got {engine.info()}")
+@pytest.mark.parametrize("linear", ["kernel", "packed"])
+def test_on_cpu_a_request_gets_the_same_bits_alone_in_any_batch_and_from_the_cache(tiny_dirs, name, linear):
+    """The CPU kernel attends every row on its own and either packed linear layout sums each row in
+    one order at any row count, so a request's logits are bit for bit the same alone, in a batch
+    that chunks its prefill differently, and with any cached prefix; "plain" MKL layers promise 1e-4."""
+    available = {"kernel": kernel_available(), "packed": packed_available()}
+    if not (kernels.load() and available[linear]):
+        pytest.skip(f"needs the CPU kernel and linear={linear!r}")
+    engine = engine_for(name, tiny_dirs, max_batch_tokens=48, linear=linear)
+    assert (engine.info()["attention"], engine.info()["linear"]) == ("cpu_kernel", linear)
     prompts = [rand_ids(n, seed=800 + n) for n in (1, 15, 16, 33, 70, 130)]
     cold = submit_all(engine, prompts, use_cache=False, write_cache=False)
     alone = [submit_all(engine, [p], use_cache=False, write_cache=False)[0] for p in prompts]

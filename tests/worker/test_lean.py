@@ -14,12 +14,15 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 from cache_store import CacheConfig, ConfigError, KVShape
 from worker import kernels
 from worker.engine import Engine, EngineConfig
-from worker.linear import packed_available
+from worker.linear import auto_linear
 from worker.models import load_model
 
 from .reference import assert_logits_close, rand_ids, reference
 
-pytestmark = pytest.mark.skipif(not (kernels.load() and packed_available()), reason="needs the CPU kernels and oneDNN")
+pytestmark = pytest.mark.skipif(
+    not kernels.load() or auto_linear(torch.device("cpu"), torch.float32) == "plain",
+    reason="needs the CPU kernels and a packed linear layout",
+)
 OPS = torch.ops.prefixcache if kernels.load() else None
 EPS = 1e-5
 

@@ -1,5 +1,5 @@
-"""Compiled kernels: the CPU ops `torch.ops.prefixcache.*` (paged attention, writing KV, and the
-elementwise parts of a decoder layer that `worker.lean` calls), built once per machine.
+"""Compiled kernels: the CPU ops `torch.ops.prefixcache.*` (paged attention, writing KV, the linear
+layers' GEMM and the elementwise parts of a decoder layer that `worker.lean` calls), built once per machine.
 
 The sources (`SOURCES`, with the header they share) are compiled with torch's own C++ extension tooling (g++, ninja) the first
 time it is needed, or ahead of time by `python -m worker.kernels` (the Makefile runs it at install),
@@ -24,11 +24,11 @@ import torch
 
 log = logging.getLogger(__name__)
 _HERE = Path(__file__).parent
-SOURCES = (_HERE / "paged_attention_cpu.cpp", _HERE / "layer_ops_cpu.cpp")
+SOURCES = (_HERE / "paged_attention_cpu.cpp", _HERE / "layer_ops_cpu.cpp", _HERE / "linear_cpu.cpp")
 HEADERS = (_HERE / "simd.h",)
 # -fopenmp: at::parallel_for is inline OpenMP, which compiles to one thread without it (measured:
 # the op ran 1.6x slower on 2 cores). Nothing links libgomp: its symbols resolve to torch's own.
-OPS = ("paged_attention", "write_kv", "rms_norm", "add_rms_norm", "rope", "silu_mul")
+OPS = ("paged_attention", "write_kv", "rms_norm", "add_rms_norm", "rope", "silu_mul", "pack_linear", "linear")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 
