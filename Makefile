@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/prefixcache bench
+
+# For a lent GPU machine (issue 19): the wheels its image lacks (pure Python), for the device tool to
+# carry as .whl; then `bash deploy/gpu-check.sh` there (the CUDA tests and python -m cluster.bench.gpu).
+GPU_WHEELS := redis==$(shell $(BIN)/python -c "import importlib.metadata as m; print(m.version('redis'))" 2>/dev/null)
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	bash deploy/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

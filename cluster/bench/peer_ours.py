@@ -12,30 +12,18 @@ from __future__ import annotations
 import queue
 import sys
 import time
+from collections.abc import Callable
 
 from cluster.bench import peer_driver as d
+from worker.engine import Engine
 
 MODEL = "smollm2"  # worker.models resolves it to worker.smollm2.model_dir(), the directory vLLM is given
 
 
-class OursBackend:
-    def __init__(self, plan: dict):
-        from worker.engine import Engine
+class EngineBackend:
+    """A `peer_driver.Backend` over an `Engine` that `build()` makes on the engine's own thread."""
 
-        def build() -> Engine:
-            import torch
-
-            torch.set_num_threads(plan["threads"])  # on the engine's thread, before its first op
-            return Engine.from_pretrained(
-                MODEL,
-                device="cpu",
-                dtype="float32",
-                device_cache_gb=plan["kv_cache_gb"],
-                host_cache_gb=0,
-                max_running=plan["ours"]["max_running"],
-                max_batch_tokens=plan["ours"]["max_batch_tokens"],
-            )
-
+    def __init__(self, build: Callable[[], Engine]):
         self.engine = Engine.on_own_thread(build, name="bench-engine")
         self.inbox: queue.Queue[d.Event] = queue.Queue()
 
@@ -67,6 +55,25 @@ class OursBackend:
         """What the engine says it runs (`Engine.info()`: batching limits, block size, and whatever
         else it names, such as its attention path)."""
         return {"engine": "prefixcache Engine (in process)", **self.engine.info()}
+
+
+class OursBackend(EngineBackend):
+    def __init__(self, plan: dict):
+        def build() -> Engine:
+            import torch
+
+            torch.set_num_threads(plan["threads"])  # on the engine's thread, before its first op
+            return Engine.from_pretrained(
+                MODEL,
+                device="cpu",
+                dtype="float32",
+                device_cache_gb=plan["kv_cache_gb"],
+                host_cache_gb=0,
+                max_running=plan["ours"]["max_running"],
+                max_batch_tokens=plan["ours"]["max_batch_tokens"],
+            )
+
+        super().__init__(build)
 
 
 def main(plan_path: str, out_path: str) -> None:

@@ -579,12 +579,12 @@ def goals(out: dict) -> list[tuple[str, str, bool]]:
     return rows
 
 
-def write_section(lines: list[str], path: Path) -> None:
+def write_section(lines: list[str], path: Path, section: str = SECTION) -> None:
     """Put the section into BENCHMARKS.md: replace the one there (heading to the next `## `), else append."""
     text = path.read_text() if path.exists() else ""
     block = "\n".join(lines).rstrip() + "\n"
-    if SECTION in text:
-        head, rest = text.split(SECTION, 1)
+    if section in text:
+        head, rest = text.split(section, 1)
         nxt = rest.find("\n## ")
         text = head + block + (rest[nxt:] if nxt >= 0 else "")
     else:
