@@ -19,7 +19,7 @@ nvidia-smi -L || true
 # The APIs the engine relies on, in this image's transformers (the import fails loudly where one is gone).
 python3 -c "import torch, transformers, worker.engine; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
-  tests/worker/test_exactness_cuda.py tests/worker/test_triton_paged.py tests/worker/test_models.py 2>&1 | tee "$OUT/cuda-tests.log"
+  tests/worker/test_exactness_cuda.py tests/worker/test_cuda_graphs.py tests/worker/test_triton_paged.py tests/worker/test_models.py 2>&1 | tee "$OUT/cuda-tests.log"
 tests=${PIPESTATUS[0]}
 timeout 420 python3 -m cluster.bench.gpu --out "$OUT" ${GPU_BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
 bench=${PIPESTATUS[0]}

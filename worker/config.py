@@ -21,6 +21,9 @@ LINEAR_MODES: tuple[LinearMode, ...] = ("auto", "kernel", "packed", "plain")
 # Which code runs the model's forward in a step (see worker.lean). "auto": the lean one where it applies.
 ForwardMode = Literal["auto", "lean", "transformers"]
 FORWARD_MODES: tuple[ForwardMode, ...] = ("auto", "lean", "transformers")
+# Whether pure decode steps replay CUDA graphs (see worker.cuda_graphs). "auto": on CUDA where they apply.
+CudaGraphsMode = Literal["auto", "off"]
+CUDA_GRAPHS_MODES: tuple[CudaGraphsMode, ...] = ("auto", "off")
 
 # (max_running, max_batch_tokens) when not given. CPU: a step of 256 tokens keeps decode latency
 # near 0.1 s on 2 cores with the demo model while 32 requests share each forward; GPU: the usual
@@ -34,13 +37,15 @@ class EngineConfig:
     max_batch_tokens: tokens per forward (decodes + prefill chunks); bounds a step's time.
     attention: how each step attends (see worker.paged_attention).
     linear: the linear layers' weight layout (see worker.linear; "kernel" and "packed" cost a second copy).
-    forward: the lean Llama forward or the model's own (see worker.lean)."""
+    forward: the lean Llama forward or the model's own (see worker.lean).
+    cuda_graphs: replay decode steps as CUDA graphs where they apply (see worker.cuda_graphs)."""
 
     max_running: int | None = None
     max_batch_tokens: int | None = None
     attention: AttentionMode = "auto"
     linear: LinearMode = "auto"
     forward: ForwardMode = "auto"
+    cuda_graphs: CudaGraphsMode = "auto"
 
     def resolved(self, device: torch.device) -> EngineConfig:
         running, tokens = DEVICE_DEFAULTS.get(device.type, DEVICE_DEFAULTS["cpu"])
@@ -68,3 +73,5 @@ class EngineConfig:
             raise ConfigError(f"linear must be one of {LINEAR_MODES}, got {self.linear!r}")
         if self.forward not in FORWARD_MODES:
             raise ConfigError(f"forward must be one of {FORWARD_MODES}, got {self.forward!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS_MODES:
+            raise ConfigError(f"cuda_graphs must be one of {CUDA_GRAPHS_MODES}, got {self.cuda_graphs!r}")

@@ -69,6 +69,7 @@ from cache_store.tree import DEVICE, DISK, HOST
 from worker.block_manager import BlockManager
 from worker.config import EngineConfig
 from worker.costs import CostModel
+from worker.cuda_graphs import decode_graphs
 from worker.lean import FAMILIES as LEAN_FAMILIES
 from worker.lean import LeanLlama
 from worker.linear import prepare_linears
@@ -149,6 +150,11 @@ class Engine:
             max_blocks=max_blocks,
             lean=self._lean(),
         )
+        self.cuda_graphs = "off: cuda_graphs='off'"  # what info() reports
+        if self.config.cuda_graphs != "off":
+            self.runner.graphs, self.cuda_graphs = decode_graphs(
+                self.model, self.store, self.runner.tables, self.attention, self.config.max_running
+            )
         self.detok = Detokenizer(self.tokenizer)
         # end-of-sequence ids, masked while a request is below its min_tokens
         self._eos_list = torch.tensor(sorted(loaded.eos_ids), dtype=torch.long, device=device)
@@ -198,6 +204,7 @@ class Engine:
         attention: str = EngineConfig.attention,
         linear: str = EngineConfig.linear,
         forward: str = EngineConfig.forward,
+        cuda_graphs: str = EngineConfig.cuda_graphs,
         disk_cache_dir: str | None = None,
         disk_cache_gb: float = DISK_CACHE_GB,
     ) -> Engine:
@@ -213,6 +220,8 @@ class Engine:
         (see worker.linear).
         `forward`: "auto" (the lean Llama forward where it applies), "lean" or "transformers" (see
         worker.lean).
+        `cuda_graphs`: "auto" (decode steps replay CUDA graphs where they apply) or "off" (see
+        worker.cuda_graphs).
         `disk_cache_dir`: a disk tier of `disk_cache_gb` in that directory (this engine's alone); an
         engine started again on it serves what it finds there (same model only).
         """
@@ -226,7 +235,7 @@ class Engine:
             disk_dir=None if disk_cache_dir is None else str(disk_cache_dir),
         )
         dev = resolve_device(device)
-        engine_config = EngineConfig(max_running, max_batch_tokens, attention, linear, forward)
+        engine_config = EngineConfig(max_running, max_batch_tokens, attention, linear, forward, cuda_graphs)
         engine_config.check()
         loaded = load_model(model, dev, resolve_dtype(dtype, dev))
         index = MetadataIndex(redis_url, config) if redis_url else None
@@ -514,6 +523,7 @@ class Engine:
             "attention": self.attention,
             "linear": self.linear,
             "forward": "lean" if self.runner.lean is not None else "transformers",
+            "cuda_graphs": self.cuda_graphs,
             LeaseField.PREFILL_US_PER_TOKEN: round(self.costs.prefill_s_per_token * 1e6, 3),
             "disk_dir": self.store.config.disk_dir or "",
         }

@@ -3,7 +3,9 @@
 Input is `[1, T]` (every request's new tokens side by side) with per-token
 position ids; `worker.paged_attention` does the attention. Only the rows
 whose chunk reaches the request's newest token are projected to logits
-(`logits_to_keep` given as indices), one row per such request.
+(`logits_to_keep` given as indices), one row per such request. On CUDA a
+step of decodes alone replays a captured graph instead (`graphs`, which the
+engine sets: `worker.cuda_graphs`).
 
 Host work per step is proportional to the new tokens, not the contexts:
 block tables live in one device array (`tables`, a row per request that may
@@ -19,6 +21,7 @@ from typing import NamedTuple
 import torch
 
 from worker.config import AttentionBackend
+from worker.cuda_graphs import DecodeGraphs
 from worker.lean import LeanLlama
 from worker.paged_attention import StepAttention, StepMeta, active_step
 from worker.sequence import Sequence
@@ -54,11 +57,15 @@ class ModelRunner:
         self.tables = torch.zeros((rows, max_blocks), dtype=torch.int32, device=device)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.lean = lean  # worker.lean's forward, where it applies; else the model's own
+        self.graphs: DecodeGraphs | None = None  # decode steps as CUDA graphs, where the engine captured them
 
     @torch.inference_mode()
     def run(self, batch: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
         """Logits [n, vocab] for the n requests of `batch` that get a new token, and those requests."""
         host = self._prepare(batch)
+        if self.graphs is not None and self._graphable(host):
+            ints = host.ints
+            return self.graphs.run(host.ids, host.positions, host.slots, ints[1], ints[0]), host.sampled
         inp = torch.tensor([host.ids], dtype=torch.long).to(self.device)
         pos = torch.tensor([host.positions], dtype=torch.long).to(self.device)
         step = StepAttention(self.pool, self._step_meta(host), self.backend)
@@ -72,6 +79,11 @@ class ModelRunner:
         if not self._keep_arg:
             logits = logits[rows]
         return logits[: len(sampled)], sampled
+
+    def _graphable(self, host: _HostStep) -> bool:
+        """Every request decodes one token (and samples it), and the captured sizes hold them all."""
+        n = len(host.ids)
+        return n == len(host.ints[0]) == len(host.keep) and n <= self.graphs.largest
 
     def _prepare(self, batch: list[tuple[Sequence, int]]) -> _HostStep:
         """Host lists of one step (O(new tokens)); syncs new table entries to the device array."""

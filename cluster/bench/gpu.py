@@ -6,8 +6,8 @@ the device it finds:
   - closed loop at c = 1, 4, 16, 64 (2 waves of c requests of ~3.5k random prompt tokens, 128 new
     tokens each, EOS ignored): output tok/s, TTFT and TPOT;
   - the same requests as c=64 with `max_running=1` (one at a time), for the batching speed-up;
-  - the decode step with 1, 4, 16 and 64 requests running (median of timed steps), against its
-    roofline: the bytes a step must read (every weight but the embedding table, and each running
+  - the decode step with 1, 4, 16 and 64 requests running (median of timed steps), with CUDA
+    graphs (worker.cuda_graphs, the default) and eager, against its roofline: the bytes a step must read (every weight but the embedding table, and each running
     request's KV) over the measured bandwidth.
 Goals (issue 19): the decode step at 64 running <= 2x its roofline; c=64 >= 20x the output tok/s
 of max_running=1. Prints a report and writes it, with the raw numbers, under --out (and, with
@@ -226,12 +226,18 @@ def run(size_name: str, device: torch.device, dtype: torch.dtype, log=print) -> 
     serial.engine.close()
     log(f"  max_running=1: {one['out_tok_per_s']:.1f} tok/s")
 
-    engine = make_engine(loaded, size, device)()
-    steps = decode_steps(engine, size, kv_token)
-    engine.close()
+    steps, eager = {}, {}
+    for graphs, into in (("auto", steps), ("off", eager)):
+        engine = make_engine(loaded, size, device, cuda_graphs=graphs)()
+        into.update(decode_steps(engine, size, kv_token))
+        engine.close()
     for n, st in steps.items():
         st["roofline_s"] = (weights + st["kv_bytes"]) / bw
-        log(f"  decode, {n} running: {st['step_s'] * 1e3:.2f} ms (roofline {st['roofline_s'] * 1e3:.2f} ms)")
+        st["eager_step_s"] = eager[n]["step_s"]
+        log(
+            f"  decode, {n} running: {st['step_s'] * 1e3:.2f} ms, eager {st['eager_step_s'] * 1e3:.2f} ms "
+            f"(roofline {st['roofline_s'] * 1e3:.2f} ms)"
+        )
     return {
         "size": size_name,
         "sizes": asdict(size),
@@ -270,7 +276,8 @@ def report_lines(out: dict) -> list[str]:
         f"{env['torch']}, transformers {env['transformers']}, Triton {env['triton']}, Python {env['python']}. "
         f"Model: Llama config, {out['params'] / 1e9:.2f}B parameters ({s['layers']} layers, hidden {s['hidden']}, "
         f"{s['heads']} heads, {s['kv_heads']} KV heads, vocabulary {s['vocab']}), random weights, {out['dtype']}, "
-        f"{s['context']}-token context. Engine: attention `{out['engine'].get('attention')}`, max_running "
+        f"{s['context']}-token context. Engine: attention `{out['engine'].get('attention')}`, CUDA graphs "
+        f"`{out['engine'].get('cuda_graphs')}`, max_running "
         f"{out['engine'].get('max_running')}, max_batch_tokens {out['engine'].get('max_batch_tokens')}. Memory "
         f"bandwidth measured by a device-to-device copy: {out['bandwidth_Bps'] / 1e9:.0f} GB/s (read + write).",
         "",
@@ -292,12 +299,13 @@ def report_lines(out: dict) -> list[str]:
         f"({out['weight_bytes'] / 1e9:.2f} GB, the embedding table left out) plus each running request's KV, over "
         "the measured bandwidth.",
         "",
-        "| running | step | roofline | step / roofline |",
-        "|---:|---:|---:|---:|",
+        "| running | step | step, eager (`cuda_graphs='off'`) | roofline | step / roofline |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for n, st in out["decode"].items():
         lines.append(
-            f"| {n} | {st['step_s'] * 1e3:.2f} ms | {st['roofline_s'] * 1e3:.2f} ms | {st['step_s'] / st['roofline_s']:.1f}x |"
+            f"| {n} | {st['step_s'] * 1e3:.2f} ms | {st['eager_step_s'] * 1e3:.2f} ms | {st['roofline_s'] * 1e3:.2f} ms "
+            f"| {st['step_s'] / st['roofline_s']:.1f}x |"
         )
     lines += ["", "| goal | measured | met |", "|---|---:|---|"]
     lines += [f"| {g} | {m} | {'yes' if ok else 'no'} |" for g, m, ok in goals(out)]

@@ -118,6 +118,7 @@ def start(args) -> int:
         attention=args.attention,
         linear=args.linear,
         forward=args.forward,
+        cuda_graphs=args.cuda_graphs,
         detached=True,
     )
     with _ray(args.address) as ray, stop_on_sigterm():  # a SIGTERM mid-start undoes what was started

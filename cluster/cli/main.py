@@ -31,7 +31,7 @@ from cluster.bench import PARTS as BENCH_PARTS
 from cluster.release import DASHBOARD_PORT, HTTP_PORT
 from cluster.routing.policies import POLICIES as ROUTING_POLICIES
 from cluster.service.spec import ServiceSpec
-from worker.config import ATTENTION_MODES, DEVICE_DEFAULTS, FORWARD_MODES, LINEAR_MODES
+from worker.config import ATTENTION_MODES, CUDA_GRAPHS_MODES, DEVICE_DEFAULTS, FORWARD_MODES, LINEAR_MODES
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 DEMO_DISK_GB = 1.0  # the demo's disk tier per worker: enough for its chats, small enough for a laptop
@@ -244,6 +244,13 @@ def _batching_args(p: argparse.ArgumentParser) -> None:
         choices=FORWARD_MODES,
         help="forward code: auto (default) runs the lean Llama/Mistral/Qwen2 forward on CPU where it applies "
         "(fused layer ops, about 10 per layer), else the model's own; transformers always runs the model's own",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        default=ServiceSpec.cuda_graphs,
+        choices=CUDA_GRAPHS_MODES,
+        help="auto (default): on CUDA, steps of decodes alone replay CUDA graphs captured at start for batch "
+        "sizes 1, 2, 4, 8, 16, 32, ... up to --max-running (Llama/Mistral/Qwen2 models, triton attention); off: eager",
     )
 
 

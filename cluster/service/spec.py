@@ -60,6 +60,7 @@ class ServiceSpec:
     attention: str = EngineConfig.attention  # how each worker's steps attend (worker.config.ATTENTION_MODES)
     linear: str = EngineConfig.linear  # the workers' linear weight layout (worker.config.LINEAR_MODES)
     forward: str = EngineConfig.forward  # the workers' forward code (worker.config.FORWARD_MODES)
+    cuda_graphs: str = EngineConfig.cuda_graphs  # decode steps as CUDA graphs (worker.config.CUDA_GRAPHS_MODES)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.service):
@@ -115,6 +116,7 @@ class ServiceSpec:
             attention=self.attention,
             linear=self.linear,
             forward=self.forward,
+            cuda_graphs=self.cuda_graphs,
         )
 
     def to_dict(self) -> dict:

@@ -25,6 +25,7 @@ def test_start_defaults_are_the_service_defaults():
         "attention",
         "linear",
         "forward",
+        "cuda_graphs",
         "workers",
         "model",
         "cpus_per_worker",
@@ -78,6 +79,19 @@ def test_every_forward_mode_is_a_choice_and_reaches_the_engine_config():
     assert ServiceSpec(forward="transformers").engine_config().forward == "transformers"
     with pytest.raises(ConfigError, match="forward must be one of"):
         ServiceSpec(forward="fast")
+
+
+def test_every_cuda_graphs_mode_is_a_choice_and_reaches_the_engine_config():
+    from cache_store import ConfigError
+    from worker.config import CUDA_GRAPHS_MODES
+
+    parser = build_parser()
+    got = [parser.parse_args(["start", "--cuda-graphs", m]).cuda_graphs for m in CUDA_GRAPHS_MODES]
+    assert got == list(CUDA_GRAPHS_MODES)
+    assert main(["start", "--cuda-graphs", "on"]) == 2
+    assert ServiceSpec(cuda_graphs="off").engine_config().cuda_graphs == "off"
+    with pytest.raises(ConfigError, match="cuda_graphs must be one of"):
+        ServiceSpec(cuda_graphs="on")
 
 
 def test_every_registered_routing_policy_is_a_choice():
