@@ -1,5 +1,5 @@
-"""Plain-transformers references the exactness tests compare the engine against, and the checks
-that compare them."""
+"""Plain-transformers references the exactness tests compare the engine against, the checks
+that compare them, and the CPU engine over a tiny model that several test files build."""
 
 from __future__ import annotations
 
@@ -7,11 +7,25 @@ import random
 
 import torch
 
-from worker.engine import Engine
+from cache_store import CacheConfig, KVShape
+from worker.engine import Engine, EngineConfig
+from worker.models import load_model
 from worker.request import Request
 
 ATOL = 1e-4  # float32 last-position logits, cached or batched vs plain
 N_NEW = 6  # tokens generated per checked run
+
+
+def tiny_engine(tiny_dirs, name: str, **config) -> Engine:
+    """A float32 CPU engine over "demo" or a tiny model of `tiny_dirs` (256 device blocks, no host
+    tier); `config`: EngineConfig fields."""
+    path = "demo" if name == "demo" else str(tiny_dirs[name])
+    loaded = load_model(path, torch.device("cpu"), torch.float32)
+    bs = CacheConfig.block_size if name == "demo" else 8
+    lay = loaded.layout
+    block = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
+    cfg = CacheConfig(block_size=bs, device_bytes=256 * block, host_bytes=0)
+    return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(**config))
 
 
 def rand_ids(n, seed):

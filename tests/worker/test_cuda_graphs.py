@@ -21,7 +21,7 @@ from worker.cuda_graphs import DecodeGraphs, ModuleForward, capture_sizes
 from worker.engine import Engine, EngineConfig
 from worker.models import load_model
 
-from .reference import rand_ids, reference
+from .reference import rand_ids, reference, tiny_engine
 
 PROMPTS = [rand_ids(n, seed=n) for n in (1, 9, 40, 130)]
 
@@ -35,13 +35,7 @@ def test_capture_sizes_are_powers_of_two_then_multiples_of_16_up_to_max_running(
 
 
 def cpu_engine(tiny_dirs, name: str) -> Engine:
-    path = "demo" if name == "demo" else str(tiny_dirs[name])
-    loaded = load_model(path, torch.device("cpu"), torch.float32)
-    bs = CacheConfig.block_size if name == "demo" else 8
-    lay = loaded.layout
-    block = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
-    cfg = CacheConfig(block_size=bs, device_bytes=256 * block, host_bytes=0)
-    return Engine(loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(forward="transformers"))
+    return tiny_engine(tiny_dirs, name, forward="transformers")
 
 
 @pytest.mark.parametrize("name", ["demo", "llama", "qwen2", "mistral"])

@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from cache_store import CacheConfig, ConfigError, KVShape
+from cache_store import ConfigError
 from worker import kernels
 from worker.engine import Engine, EngineConfig
 from worker.linear import auto_linear
-from worker.models import load_model
 
-from .reference import assert_logits_close, rand_ids, reference
+from .reference import assert_logits_close, rand_ids, reference, tiny_engine
 
 pytestmark = pytest.mark.skipif(
     not kernels.load() or auto_linear(torch.device("cpu"), torch.float32) == "plain",
@@ -94,15 +93,7 @@ def test_each_op_gives_a_row_the_same_bits_in_any_batch():
 
 
 def engine_for(tiny_dirs, name, forward="auto", attention="auto") -> Engine:
-    path = "demo" if name == "demo" else str(tiny_dirs[name])
-    loaded = load_model(path, torch.device("cpu"), torch.float32)
-    bs = CacheConfig.block_size if name == "demo" else 8
-    lay = loaded.layout
-    block = KVShape(lay.layers, lay.kv_heads, bs, lay.head_dim, torch.float32).block_bytes
-    cfg = CacheConfig(block_size=bs, device_bytes=256 * block, host_bytes=0)
-    return Engine(
-        loaded, cfg, device=torch.device("cpu"), engine_config=EngineConfig(forward=forward, attention=attention)
-    )
+    return tiny_engine(tiny_dirs, name, forward=forward, attention=attention)
 
 
 @pytest.mark.parametrize("name", ["demo", "llama", "qwen2", "mistral"])
