@@ -85,9 +85,9 @@ class DecodeGraphs:
 
     `tables` is the runner's block-table array ([rows, max_blocks] int32, device); `scratch_block`
     a pool block nobody else reads or writes. `run` returns a copy of the graph's output buffer
-    (a request may keep its logits past the next replay). Before `capture` (or without CUDA) `run` runs the same code
-    eagerly, padding rows included: the CPU tests check the inputs, padding and tables that way,
-    with `backend` "cpu_kernel"."""
+    (a request may keep its logits past the next replay). Before `capture` (or without CUDA) `run`
+    runs the same code eagerly, padding rows included: the CPU tests check the inputs, padding and
+    tables that way, with `backend` "cpu_kernel"."""
 
     def __init__(self, forward, pool: torch.Tensor, tables: torch.Tensor, scratch_block: int, sizes, backend="triton"):
         self.forward = forward

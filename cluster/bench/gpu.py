@@ -7,8 +7,9 @@ the device it finds:
     tokens each, EOS ignored): output tok/s, TTFT and TPOT;
   - the same requests as c=64 with `max_running=1` (one at a time), for the batching speed-up;
   - the decode step with 1, 4, 16 and 64 requests running (median of timed steps), with CUDA
-    graphs (worker.cuda_graphs, the default) and eager, against its roofline: the bytes a step must read (every weight but the embedding table, and each running
-    request's KV) over the measured bandwidth.
+    graphs (worker.cuda_graphs, the default) and eager, against its roofline: the bytes a step
+    must read (every weight but the embedding table, and each running request's KV) over the
+    measured bandwidth.
 Goals (issue 19): the decode step at 64 running <= 2x its roofline; c=64 >= 20x the output tok/s
 of max_running=1. Prints a report and writes it, with the raw numbers, under --out (and, with
 --write, into BENCHMARKS.md). `--size tiny --device cpu` runs the same code in seconds (its test).

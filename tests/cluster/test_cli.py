@@ -45,53 +45,29 @@ def test_every_registered_eviction_policy_is_a_choice(command):
     assert main([*command, "--eviction", "fifo"]) == 2
 
 
-def test_every_attention_mode_is_a_choice_and_a_bad_one_says_which_are():
+@pytest.mark.parametrize(
+    ("field", "modes", "kept", "bad"),
+    [
+        ("attention", "ATTENTION_MODES", "sdpa", "flash"),
+        ("linear", "LINEAR_MODES", "plain", "fast"),
+        ("forward", "FORWARD_MODES", "transformers", "fast"),
+        ("cuda_graphs", "CUDA_GRAPHS_MODES", "off", "on"),
+    ],
+)
+def test_every_engine_mode_is_a_choice_reaches_the_engine_config_and_a_bad_one_says_which_are(field, modes, kept, bad):
+    """--attention, --linear, --forward, --cuda-graphs: their choices are worker.config's, a chosen
+    one reaches EngineConfig, and a bad one is refused on the command line and by ServiceSpec."""
     from cache_store import ConfigError
-    from worker.config import ATTENTION_MODES
+    from worker import config
 
+    flag = "--" + field.replace("_", "-")
+    choices = getattr(config, modes)
     parser = build_parser()
-    assert [parser.parse_args(["start", "--attention", m]).attention for m in ATTENTION_MODES] == list(ATTENTION_MODES)
-    assert main(["start", "--attention", "flash"]) == 2
-    assert ServiceSpec(attention="sdpa").engine_config().attention == "sdpa"
-    with pytest.raises(ConfigError, match="attention must be one of"):
-        ServiceSpec(attention="flash")
-
-
-def test_every_linear_mode_is_a_choice_and_reaches_the_engine_config():
-    from cache_store import ConfigError
-    from worker.config import LINEAR_MODES
-
-    parser = build_parser()
-    assert [parser.parse_args(["start", "--linear", m]).linear for m in LINEAR_MODES] == list(LINEAR_MODES)
-    assert main(["start", "--linear", "fast"]) == 2
-    assert ServiceSpec(linear="plain").engine_config().linear == "plain"
-    with pytest.raises(ConfigError, match="linear must be one of"):
-        ServiceSpec(linear="fast")
-
-
-def test_every_forward_mode_is_a_choice_and_reaches_the_engine_config():
-    from cache_store import ConfigError
-    from worker.config import FORWARD_MODES
-
-    parser = build_parser()
-    assert [parser.parse_args(["start", "--forward", m]).forward for m in FORWARD_MODES] == list(FORWARD_MODES)
-    assert main(["start", "--forward", "fast"]) == 2
-    assert ServiceSpec(forward="transformers").engine_config().forward == "transformers"
-    with pytest.raises(ConfigError, match="forward must be one of"):
-        ServiceSpec(forward="fast")
-
-
-def test_every_cuda_graphs_mode_is_a_choice_and_reaches_the_engine_config():
-    from cache_store import ConfigError
-    from worker.config import CUDA_GRAPHS_MODES
-
-    parser = build_parser()
-    got = [parser.parse_args(["start", "--cuda-graphs", m]).cuda_graphs for m in CUDA_GRAPHS_MODES]
-    assert got == list(CUDA_GRAPHS_MODES)
-    assert main(["start", "--cuda-graphs", "on"]) == 2
-    assert ServiceSpec(cuda_graphs="off").engine_config().cuda_graphs == "off"
-    with pytest.raises(ConfigError, match="cuda_graphs must be one of"):
-        ServiceSpec(cuda_graphs="on")
+    assert [getattr(parser.parse_args(["start", flag, m]), field) for m in choices] == list(choices)
+    assert main(["start", flag, bad]) == 2
+    assert getattr(ServiceSpec(**{field: kept}).engine_config(), field) == kept
+    with pytest.raises(ConfigError, match=f"{field} must be one of"):
+        ServiceSpec(**{field: bad})
 
 
 def test_every_registered_routing_policy_is_a_choice():

@@ -84,6 +84,8 @@ def test_padded_decode_steps_through_the_graph_inputs_give_the_engines_tokens(ti
             assert graphs.steps > before
             # the cache the padded steps wrote serves the same tokens again
             assert [r.token_ids for r in padded.generate(batch, max_new_tokens=8)] == want
+        ids = prompts[2]  # and plain transformers' generate(), through the padded steps alone
+        assert tuple(padded.generate([ids], max_new_tokens=6)[0].token_ids) == reference(padded, ids)[0]
         padded.store.check_invariants()
     finally:
         plain.close()
