@@ -20,21 +20,29 @@ BIN = Path(sys.executable).parent
 
 
 def run(env, *cmd, timeout=300, check=True):
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=env["WORKDIR"])
+    try:
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=env["WORKDIR"])
+    except subprocess.TimeoutExpired as e:  # what it printed so far says which step hung
+        raise AssertionError(f"{cmd} ran past {timeout} s\nstderr:\n{_text(e.stderr)[-4000:]}{logs(env)}") from None
     if check and p.returncode != 0:
         raise AssertionError(
-            f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}{client_server_logs(env)}"
+            f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr[-4000:]}{logs(env)}"
         )
     return p
 
 
-def client_server_logs(env) -> str:
-    """The head's Ray client server logs: where a failed `ray://` connection says why."""
-    logs = Path(env["WORKDIR"], "ray", "session_latest", "logs")
-    tails = [
-        f"\n--- {f.name}:\n{f.read_text(errors='replace')[-3000:]}" for f in sorted(logs.glob("ray_client_server*"))
-    ]
-    return "".join(tails)
+def _text(out: bytes | str | None) -> str:
+    return out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+
+
+def logs(env) -> str:
+    """The tails of the script's node logs and of the head's Ray client server logs (where a failed
+    `ray://` connection says why)."""
+    state = Path(env["WORKDIR"])
+    files = sorted(state.glob("*.log")) + sorted(
+        Path(state, "ray", "session_latest", "logs").glob("ray_client_server*")
+    )
+    return "".join(f"\n--- {f.name}:\n{f.read_text(errors='replace')[-3000:]}" for f in files)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +51,7 @@ def local_cluster():
     env = {**os.environ, "PREFIXCACHE_LOCAL_DIR": state, "PATH": f"{BIN}:{os.environ['PATH']}", "WORKDIR": state}
     env.pop("RAY_ADDRESS", None)
     try:
-        run(env, str(SCRIPT), "up", timeout=400)
+        run(env, str(SCRIPT), "up", timeout=720)  # the script gives up by itself within ~11 min
         for line in Path(state, "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
@@ -113,7 +121,7 @@ def submit_through_ray_client(env, batch: Path, out: Path) -> list[dict]:
         "--no-progress",
         check=False,
     )
-    assert p.returncode == 1, p.stderr + client_server_logs(env)  # one bad line
+    assert p.returncode == 1, p.stderr + logs(env)  # one bad line
     records = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in records] == list(range(1, 10))
     assert "line 5: invalid JSON" in records[4]["error"]
