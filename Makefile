@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean gpu-wheels gpu-check
+.PHONY: demo test test-compat lint bench clean gpu-wheels gpu-check
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,25 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The engine's tests again on the transformers of the GPU image (older than the one .venv gets):
+# its API moves between releases (5.24 renamed forward's past_key_values to cache). .venv-compat
+# holds only that transformers and its deps; torch, ray and the rest come from .venv (a .pth).
+COMPAT_TRANSFORMERS := 5.17.0
+COMPAT := .venv-compat
+COMPAT_TESTS := tests/worker/test_models.py tests/worker/test_engine.py tests/worker/test_exactness.py \
+	tests/worker/test_batching.py tests/worker/test_lean.py tests/worker/test_cuda_graphs.py
+
+$(COMPAT)/.installed: $(STAMP)
+	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q "transformers==$(COMPAT_TRANSFORMERS)"
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(COMPAT)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-venv.pth"
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	$(COMPAT)/bin/python -c "import transformers as t; assert t.__version__ == '$(COMPAT_TRANSFORMERS)', t.__file__"
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -43,4 +62,4 @@ gpu-check:
 	bash deploy/gpu-check.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(COMPAT) .pytest_cache .ruff_cache *.egg-info

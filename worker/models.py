@@ -13,6 +13,7 @@ namespace, so two models never share a block.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,13 +122,20 @@ _KIND_NAMES = {
 }
 
 
+def cache_kwargs(model: PreTrainedModel, cache) -> dict:
+    """`cache` as the keyword the model's forward takes: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); older 5.x take only the
+    old name and drop the new one into **kwargs, unused."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 def probe_layout(model: PreTrainedModel) -> KVLayout:
     """Run two tokens through the model and read the KV it caches: every layer must be a plain,
     uniform full-attention layer, or the cache could not be assembled exactly."""
     cache = DynamicCache(config=model.config)
     ids = torch.zeros((1, 2), dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache))
     shapes = set()
     for i, layer in enumerate(cache.layers):
         if type(layer) is not DynamicLayer:

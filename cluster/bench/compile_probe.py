@@ -29,15 +29,18 @@ def _hf_steps(model_dir: Path, freezing: bool | None) -> tuple[float, float]:
     import torch._inductor.config as inductor
     from transformers import AutoModelForCausalLM, StaticCache
 
+    from worker.models import cache_kwargs
+
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     cache = StaticCache(config=model.config, max_cache_len=CONTEXT + STEPS + 8)
     with torch.inference_mode():
         prompt = torch.randint(0, model.config.vocab_size, (1, CONTEXT))
-        model(input_ids=prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(CONTEXT))
+        kw = cache_kwargs(model, cache)
+        model(input_ids=prompt, use_cache=True, cache_position=torch.arange(CONTEXT), **kw)
 
     def step(pos: int):
         ids = torch.tensor([[5]])
-        return model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=torch.tensor([pos])).logits
+        return model(input_ids=ids, use_cache=True, cache_position=torch.tensor([pos]), **kw).logits
 
     compile_s = 0.0
     if freezing is not None:

@@ -15,6 +15,7 @@ import torch
 from transformers import DynamicCache
 
 from worker.engine import Engine
+from worker.models import cache_kwargs
 from worker.request import Request
 
 
@@ -31,7 +32,8 @@ class Sample:
 def _forward(model, ids: list[int], cache: DynamicCache, start: int) -> torch.Tensor:
     inp = torch.tensor([ids], device=model.device)
     pos = torch.arange(start, start + len(ids), device=model.device).unsqueeze(0)
-    return model(input_ids=inp, past_key_values=cache, position_ids=pos, use_cache=True, logits_to_keep=1).logits[0, -1]
+    kw = cache_kwargs(model, cache)
+    return model(input_ids=inp, position_ids=pos, use_cache=True, logits_to_keep=1, **kw).logits[0, -1]
 
 
 @torch.inference_mode()

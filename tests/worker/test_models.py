@@ -1,10 +1,12 @@
+import warnings
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from worker.demo_model import demo_model, demo_tokenizer, write_demo_model
 from worker.engine import Engine
-from worker.models import ModelError, UnsupportedModel, fingerprint, load_model
+from worker.models import ModelError, UnsupportedModel, cache_kwargs, fingerprint, load_model
 
 from .models import UNSUPPORTED
 
@@ -26,6 +28,17 @@ def test_demo_model_is_deterministic_and_seeded():
     w = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(a.state_dict()[w], b.state_dict()[w])
     assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
+
+
+def test_the_cache_keyword_is_the_one_this_transformers_reads():
+    """Under the wrong name the forward fills nothing (before 5.24) or warns that the name goes
+    (5.24 and later); the GPU image runs 5.17, this machine a newer one."""
+    model = demo_model()
+    cache = DynamicCache(config=model.config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model(input_ids=torch.zeros((1, 3), dtype=torch.long), use_cache=True, **cache_kwargs(model, cache))
+    assert cache.get_seq_length() == 3
 
 
 def test_fingerprint_covers_weights_dtype_and_block_size():
