@@ -25,23 +25,27 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-# The engine's tests again on the transformers of the GPU image (older than the one .venv gets):
-# its API moves between releases (5.24 renamed forward's past_key_values to cache). .venv-compat
-# holds only that transformers and its deps; torch, ray and the rest come from .venv (a .pth).
+# The engine's tests again on the GPU image's transformers and Triton (older than the ones .venv
+# gets): their APIs move between releases (5.24 renamed forward's past_key_values to cache).
+# .venv-compat holds only these and their deps; torch, ray and the rest come from .venv (a .pth).
+# numpy<2.4: Triton 3.6's interpreter (the Triton kernel's CPU test) calls int() on 1-element arrays.
 COMPAT_TRANSFORMERS := 5.17.0
+COMPAT_TRITON := 3.6.0
 COMPAT := .venv-compat
 COMPAT_TESTS := tests/worker/test_models.py tests/worker/test_engine.py tests/worker/test_exactness.py \
-	tests/worker/test_batching.py tests/worker/test_lean.py tests/worker/test_cuda_graphs.py
+	tests/worker/test_batching.py tests/worker/test_lean.py tests/worker/test_cuda_graphs.py \
+	tests/worker/test_triton_paged.py
 
-$(COMPAT)/.installed: $(STAMP)
+$(COMPAT)/.installed: $(STAMP) Makefile
 	rm -rf $(COMPAT) && $(PYTHON) -m venv $(COMPAT)
-	$(COMPAT)/bin/python -m pip install -q "transformers==$(COMPAT_TRANSFORMERS)"
+	$(COMPAT)/bin/python -m pip install -q "transformers==$(COMPAT_TRANSFORMERS)" "triton==$(COMPAT_TRITON)" "numpy<2.4"
 	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
 		"$$($(COMPAT)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-venv.pth"
 	touch $@
 
 test-compat: $(COMPAT)/.installed
-	$(COMPAT)/bin/python -c "import transformers as t; assert t.__version__ == '$(COMPAT_TRANSFORMERS)', t.__file__"
+	$(COMPAT)/bin/python -c "import transformers as t, triton; assert (t.__version__, triton.__version__) == \
+		('$(COMPAT_TRANSFORMERS)', '$(COMPAT_TRITON)'), (t.__file__, triton.__file__)"
 	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider $(COMPAT_TESTS)
 
 lint: $(STAMP)
