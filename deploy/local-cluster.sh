@@ -121,7 +121,8 @@ join_worker() {  # join_worker I: worker node I, new agent ports if it exits at 
 up() {
   if [ -f "$DIR/env" ]; then echo "already up (state in $DIR); run '$0 down' first" >&2; exit 1; fi
   mkdir -p "$DIR"
-  ray get-auth-token --generate >/dev/null  # the token every node and client will present
+  # the token every node and client will present
+  timeout -k 5 60 ray get-auth-token --generate >/dev/null || fail "ray get-auth-token --generate failed or hung"
   local redis_port password i gcs client dash
   redis_port=$(free_port)
   password=$("$PY" -c 'import secrets; print(secrets.token_urlsafe(18))')
