@@ -176,3 +176,25 @@ def status_then_stop(env) -> None:
     run(env, "prefixcache", "stop", "--address", env["RAY_ADDRESS"])
     gone = run(env, "prefixcache", "status", "--address", env["RAY_ADDRESS"], check=False)
     assert gone.returncode == 2 and "no prefixcache service" in gone.stderr
+
+
+def test_a_node_that_cannot_start_fails_up_with_its_log():
+    """A worker node that exits at once (here: a bad --num-cpus) is tried 3 times, then `up` fails
+    by itself, naming the node and showing its log; `down` stops the head and Redis it started."""
+    state = tempfile.mkdtemp(prefix="pfxlf-", dir="/tmp")
+    env = {**os.environ, "PREFIXCACHE_LOCAL_DIR": state, "CPUS_PER_NODE": "two", "WORKDIR": state}
+    env["PATH"] = f"{BIN}:{os.environ['PATH']}"
+    env.pop("RAY_ADDRESS", None)
+    try:
+        p = run(env, str(SCRIPT), "up", timeout=300, check=False)
+        assert p.returncode == 1, p.stderr
+        assert "worker node 1 exited while starting (try 3 of 3)" in p.stderr, p.stderr
+        assert "local cluster up failed: worker node 1 exited while starting, 3 times" in p.stderr
+        assert "'two' is not a valid integer" in p.stderr  # ray's own words, from the node's log
+        pids = [int(Path(state, f).read_text()) for f in ("head.pid", "redis.pid")]
+    finally:
+        subprocess.run([str(SCRIPT), "down"], env=env, timeout=180)
+    assert not Path(state).exists()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
